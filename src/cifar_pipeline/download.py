@@ -125,6 +125,8 @@ def _check_members(tar: tarfile.TarFile, archive: Path) -> dict[str, tarfile.Tar
     members = {}
     for member in tar.getmembers():
         try:
+            if member.name.startswith("/"):  # the 'data' filter would quietly strip the slash
+                raise tarfile.AbsolutePathError(member)
             tarfile.data_filter(member, "/extract")
         except tarfile.FilterError as exc:
             raise PipelineError(
