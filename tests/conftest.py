@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -78,3 +81,25 @@ def prepared(project) -> Path:
 
     assert main(["download"]) == 0
     return project / "data" / "prepared"
+
+
+def run_dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real `dvc` CLI, with this venv's `cifar-pipeline` first on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run([Path(sys.executable).parent / "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture
+def dvc_repo(project) -> Path:
+    """`project` made into a copy of this repository (dvc.yaml, code, a fresh DVC repo in git),
+    so the real `dvc repro` can run the stages there."""
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for tool in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"]):
+        subprocess.run(tool, cwd=project, check=True)
+    run_dvc(project, "init", "-q")
+    run_dvc(project, "config", "core.analytics", "false")
+    return project
