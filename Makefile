@@ -11,7 +11,7 @@ PIP_QUIET := grep -v "^WARNING: Location 'file:" || true
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test ui bench-train bench-inference clean
+.PHONY: install run serve sweep test ui bench-train bench-inference clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import cifar_pipeline, torch, mlflow, prefect, dvc, onnxruntime"
 	touch $(STAMP)
 
-run: $(STAMP)  ## the whole pipeline on embedded defaults
-	dvc repro
+run: $(STAMP)  ## the whole pipeline, orchestrated by Prefect (local mode), on embedded defaults
+	$(BIN)/python -m pipeline.flow
+
+serve: $(STAMP)  ## the flow as a Prefect deployment; CRON="0 3 * * *" adds a schedule
+	$(BIN)/python -m pipeline.flow --serve $(if $(CRON),--cron "$(CRON)")
+
+sweep: $(STAMP)  ## residual vs plain at three depths; ARGS="--epochs 3" etc.
+	$(BIN)/python -m pipeline.sweep $(ARGS)
 
 test: $(STAMP)  ## the full test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest
@@ -31,8 +37,8 @@ test: $(STAMP)  ## the full test suite, slow end-to-end tests included
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-bench-train: $(STAMP)
-	$(BIN)/python bench/train_throughput.py
+bench-train: $(STAMP)  ## project vs seed training loop, images/s; ARGS="ARCHIVE --steps 100"
+	$(BIN)/python bench/train_throughput.py $(ARGS)
 
 bench-inference: $(STAMP)
 	$(BIN)/python bench/inference.py

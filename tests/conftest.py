@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -59,19 +60,29 @@ def write_params(project: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def init_project(root: Path, monkeypatch, tiny_archive, http_server) -> Path:
+    """Make `root` a project (params.yaml downloading the tiny archive from the local HTTP server,
+    with fast retries; its own MLflow store) and the cwd."""
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    write_params(
+        root,
+        data={"url": f"{http_server}/{tiny_archive[0].name}", "md5": tiny_archive[1],
+              "retries": 1, "retry_backoff_s": 0.01, "timeout_s": 10},
+    )
+    use_project(root, monkeypatch)
+    return root
+
+
+def use_project(root: Path, monkeypatch) -> None:
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, tiny_archive, http_server) -> Path:
     """An empty project directory (the cwd during the test) whose params.yaml downloads the
     tiny archive from the local HTTP server, with fast retries."""
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    write_params(
-        tmp_path,
-        data={"url": f"{http_server}/{tiny_archive[0].name}", "md5": tiny_archive[1],
-              "retries": 1, "retry_backoff_s": 0.01, "timeout_s": 10},
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
+    return init_project(tmp_path, monkeypatch, tiny_archive, http_server)
 
 
 @pytest.fixture
@@ -81,6 +92,46 @@ def prepared(project) -> Path:
 
     assert main(["download"]) == 0
     return project / "data" / "prepared"
+
+
+# A short fp32 training that learns the tiny data (test accuracy near 1) in about a second:
+# small batches for enough steps, and a low learning rate so BatchNorm's running statistics
+# keep up with the weights.
+TINY_TRAINING = {"epochs": 2, "batch_size": 32, "lr": 0.01, "precision": "fp32", "eval_every": 1}
+
+
+@pytest.fixture
+def trained(prepared) -> Path:
+    """`prepared` after `cifar-pipeline train` (TINY_TRAINING): models/model.pt, models/run.json,
+    reports/train.json and the MLflow run exist. Returns the project directory."""
+    from cifar_pipeline.cli import main
+
+    project = prepared.parents[1]
+    write_params(project, train=TINY_TRAINING)
+    assert main(["train"]) == 0
+    return project
+
+
+@pytest.fixture(scope="session")
+def exported_project(tmp_path_factory, tiny_archive, http_server) -> Path:
+    """A project after download, train (TINY_TRAINING), evaluate and export, built once per session.
+    Use it through `exported`; tests must not change its files, and a test that registers uses a
+    register.model_name of its own."""
+    from cifar_pipeline.cli import main
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        root = init_project(tmp_path_factory.mktemp("exported"), monkeypatch, tiny_archive, http_server)
+        write_params(root, train=TINY_TRAINING)
+        for stage in ("download", "train", "evaluate", "export"):
+            assert main([stage]) == 0, stage
+    return root
+
+
+@pytest.fixture
+def exported(exported_project, monkeypatch) -> Path:
+    """The shared `exported_project` as the cwd, with its MLflow store."""
+    use_project(exported_project, monkeypatch)
+    return exported_project
 
 
 def run_dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -103,3 +154,17 @@ def dvc_repo(project) -> Path:
     run_dvc(project, "init", "-q")
     run_dvc(project, "config", "core.analytics", "false")
     return project
+
+
+def register_model(project: Path, tmp_path: Path, **settings) -> dict:
+    """Run `cifar-pipeline register` in `project` (the cwd) with register.* `settings` from a copy of
+    its params.yaml in `tmp_path`, so the shared project's params stay as they are. Returns
+    reports/registry.json. In `exported`, give each test a model_name of its own."""
+    from cifar_pipeline.cli import main
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["register"].update(settings)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["--params", str(path), "register"]) == 0
+    return json.loads((project / "reports/registry.json").read_text())

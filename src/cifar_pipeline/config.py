@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator,
+)
 
 from cifar_pipeline.errors import ConfigError
 
@@ -30,6 +32,13 @@ class DataConfig(Section):
     retries: int = Field(ge=0, le=20)
     retry_backoff_s: float = Field(ge=0)
     timeout_s: PositiveFloat
+
+    @field_validator("md5", mode="before")
+    @classmethod
+    def _md5_is_text(cls, value):
+        if value is not None and not isinstance(value, str):  # YAML reads an all-digit md5 as a number
+            raise ValueError("must be 32 hex digits in quotes, or null")
+        return value
 
 
 class ModelConfig(Section):
@@ -69,6 +78,12 @@ class TrainConfig(Section):
     channels_last: bool
     compile: bool
     eval_every: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "TrainConfig":
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0; set train.momentum or nesterov: false")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -146,5 +161,7 @@ def _one_line(exc: ValidationError, section: str, path: Path | str) -> str:
         return f"{path}: unknown key '{key}'; remove it or check its spelling"
     if kind == "model_type":
         return f"{path}: section '{section}' must be a mapping of keys"
+    if not err["loc"]:  # a rule across keys (a model validator): its message names them
+        return f"{path}: section '{section}': {err['msg'].removeprefix('Value error, ')}"
     got = err.get("input")
     return f"{path}: key '{key}' {err['msg'].lower()} (got {got!r})"

@@ -7,6 +7,7 @@ MLFLOW_TRACKING_URI overrides it (a tracking server, say).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -70,3 +71,22 @@ def git_state() -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+@contextlib.contextmanager
+def resume_run(path: Path = RUN_FILE):
+    """Reopen the training's MLflow run (models/run.json) so a later stage appends to it;
+    yields (mlflow, run). The run keeps its FINISHED status when the block ends."""
+    handoff = read_run_handoff(path)
+    mlflow = setup_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.start_run(run_id=handoff["run_id"])
+    except MlflowException:
+        raise PipelineError(
+            f"MLflow run {handoff['run_id']} (from {path}) is not in the tracking store {tracking_uri()}; "
+            f"set MLFLOW_TRACKING_URI to {handoff.get('tracking_uri')} or train again"
+        ) from None
+    with run:
+        yield mlflow, run

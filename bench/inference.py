@@ -1,0 +1,145 @@
+"""Inference throughput: PyTorch eager against onnxruntime fp32 and int8, and `predict` end to end.
+
+    python bench/inference.py [--checkpoint models/model.pt] [--images DIR] [--threads N]
+
+One model, one machine, one run:
+  eager       the serving module (uint8 in, preprocessing, network, softmax) in PyTorch, fp32
+  ort fp32    the same module exported by export_onnx, in onnxruntime on the CPU
+  ort int8    that model statically quantized by the export stage's quantize_int8
+each at batch 1 and batch 256 on decoded images (runners take turns; each reports its best pass),
+then `predict` over a folder of JPEG files: listing, decoding, inference and writing the CSV.
+
+The model is --checkpoint when it exists (a trained one gives a meaningful int8 agreement),
+else an untrained seed SimpleResNet: speed does not depend on the weights. The JPEG files are
+--images, or the test/ folder of ../shared/datasets/cifar10-jpeg.tar.gz extracted to a temporary
+directory. Targets on 2 CPU cores: ort fp32 >= 2x eager; predict >= 3,000 images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from cifar_pipeline import checkpoint, export  # noqa: E402
+from cifar_pipeline.config import parse_section  # noqa: E402
+from cifar_pipeline.inputs import iter_files, load_image  # noqa: E402
+from cifar_pipeline.model import build_model  # noqa: E402
+from cifar_pipeline.onnx_session import CPU, create_session, predict as ort_predict  # noqa: E402
+from cifar_pipeline.predict import Predictor, predict_to_file  # noqa: E402
+
+JPEG_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CALIBRATION = 512
+BATCH_1_IMAGES = 256  # per timed pass at batch 1
+TARGET_ORT_RATIO = 2.0
+TARGET_PREDICT = 3000
+
+
+def jpeg_folder(images: Path | None, scratch: Path) -> Path:
+    if images is not None:
+        return images
+    if not JPEG_ARCHIVE.exists():
+        sys.exit(f"no --images folder given and {JPEG_ARCHIVE} not found")
+    with tarfile.open(JPEG_ARCHIVE) as tar:
+        tar.extractall(scratch, members=[m for m in tar.getmembers() if m.name.startswith("test/")], filter="data")
+    return scratch / "test"
+
+
+def load_bench_model(path: Path):
+    if path.exists():
+        model, cfg, names = checkpoint.load_model(path)
+        return model, cfg, names, f"{path} (trained)"
+    torch.manual_seed(0)
+    cfg = parse_section("model", {"blocks_per_stage": [2, 2, 2], "widths": [16, 32, 64], "residual": True,
+                                  "mean": [0.5] * 3, "std": [0.5] * 3})
+    return build_model(cfg).eval(), cfg, CLASSES, "the seed SimpleResNet, untrained"
+
+
+def sample_images(folder: Path, count: int) -> np.ndarray:
+    files = []
+    for path in iter_files(folder):
+        files.append(path)
+        if len(files) == count:
+            break
+    rng = np.random.default_rng(0)
+    return np.stack([load_image(p) for p in rng.permutation(files)])
+
+
+def predict_rate(model: Path, folder: Path, out: Path, threads: int, passes: int = 2) -> tuple[float, int]:
+    """The best of `passes` end-to-end runs (the first also warms the file cache)."""
+    predictor = Predictor(model, providers=[CPU], threads=threads)
+    best = None
+    for _ in range(passes):
+        summary = predict_to_file(predictor, folder, out, progress=False)
+        best = summary if best is None or summary.images_per_s > best.images_per_s else best
+    return best.images_per_s, best.images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/model.pt"))
+    parser.add_argument("--images", type=Path, help="a folder of JPEG files (default: the real test set, extracted)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch and onnxruntime threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        tmp = Path(tmp)
+        folder = jpeg_folder(args.images, tmp)
+        images = sample_images(folder, export.BENCH_IMAGES)
+        model, cfg, names, described = load_bench_model(args.checkpoint)
+        fp32_path, int8_path = tmp / "model.onnx", tmp / "model.int8.onnx"
+        export.export_onnx(model, cfg, names, fp32_path)
+        export.quantize_int8(fp32_path, int8_path, images[:CALIBRATION])
+        serving = export.serving_model(model, cfg)
+        fp32 = create_session(fp32_path, [CPU], args.threads)
+        int8 = create_session(int8_path, [CPU], args.threads)
+        print(f"model: {described}; {args.threads} threads; torch {torch.__version__}; {os.cpu_count()} cores")
+
+        rates = {}
+        for batch, sample in ((1, images[:BATCH_1_IMAGES]), (256, images)):
+            runners = {
+                "eager": lambda b: export.torch_probabilities(serving, b, batch),
+                "ort fp32": lambda b: ort_predict(fp32, b, batch),
+                "ort int8": lambda b: ort_predict(int8, b, batch),
+            }
+            with torch.inference_mode():
+                for name, rate in export.images_per_second(runners, sample, batch).items():
+                    rates[name, batch] = rate
+        agreement = (ort_predict(int8, images).argmax(1) == ort_predict(fp32, images).argmax(1)).mean()
+
+        count = sum(1 for _ in iter_files(folder))
+        print(f"predict over {count:,} JPEG files in {folder} ...", flush=True)
+        e2e_fp32, scored = predict_rate(fp32_path, folder, tmp / "out.csv", args.threads)
+        e2e_int8, _ = predict_rate(int8_path, folder, tmp / "out.csv", args.threads)
+
+    print()
+    print(f"{'images/s':<22}{'batch 1':>10}{'batch 256':>12}")
+    for name in ("eager", "ort fp32", "ort int8"):
+        print(f"{name:<22}{rates[name, 1]:>10,.0f}{rates[name, 256]:>12,.0f}")
+    print(f"{'predict, JPEG, fp32':<22}{'':>10}{e2e_fp32:>12,.0f}   ({scored:,} files, decoding and CSV included)")
+    print(f"{'predict, JPEG, int8':<22}{'':>10}{e2e_int8:>12,.0f}")
+    print()
+    for batch in (1, 256):
+        fp32_ratio = rates["ort fp32", batch] / rates["eager", batch]
+        verdict = "met" if fp32_ratio >= TARGET_ORT_RATIO else "MISSED"
+        print(f"batch {batch:>3}: ort fp32 / eager {fp32_ratio:.2f}x (target >= {TARGET_ORT_RATIO:.0f}x: {verdict}); "
+              f"ort int8 / fp32 {rates['ort int8', batch] / rates['ort fp32', batch]:.2f}x")
+    print(f"int8 top-1 agreement with fp32 on {len(images):,} images: {agreement:.2%}")
+    print(f"predict fp32 over JPEG: {e2e_fp32:,.0f} images/s (target >= {TARGET_PREDICT:,}: "
+          f"{'met' if e2e_fp32 >= TARGET_PREDICT else 'MISSED'}); "
+          f"{e2e_fp32 / rates['ort fp32', 256]:.0%} of bare ort fp32 at batch 256")
+
+
+if __name__ == "__main__":
+    main()

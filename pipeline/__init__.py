@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate the DVC pipeline (flow.py) and parameter sweeps (sweep.py)."""

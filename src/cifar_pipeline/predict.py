@@ -1,0 +1,398 @@
+"""Batch inference with onnxruntime: images or arrays in, one prediction per image out.
+
+The Python API that `cifar-pipeline predict` wraps:
+
+    predictor = Predictor("models:/cifar10-resnet@champion")   # or a path to an .onnx file
+    probabilities = predictor.predict(images)                  # uint8 [N, 32, 32, 3] -> [N, 10]
+    for batch in predictor.iter_batches("photos/"):            # streams a folder, file by file
+        ...                                                    # BatchResult: paths, probabilities, failures
+    summary = predict_to_file(predictor, "photos/", "predictions.csv")
+
+It streams: while onnxruntime runs one batch, a thread pool decodes the next ones, and only those
+few batches are ever in memory. A file that cannot be read goes into the errors file and the run
+goes on (or, with strict=True, stops). Nothing here imports torch: a serving host needs
+onnxruntime, numpy and Pillow (and MLflow for registry sources).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import json
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from cifar_pipeline import model_source, onnx_session
+from cifar_pipeline.atomic import atomic_file
+from cifar_pipeline.errors import ConfigError, PipelineError
+from cifar_pipeline.inputs import UnreadableInput, check_input, is_array_file, iter_files, load_image, open_array
+from cifar_pipeline.onnx_session import INPUT_NAME, OUTPUT_NAME, create_session
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 256
+PREFETCH_BATCHES = 2  # decoded ahead of the one onnxruntime is running
+OUTPUT_SUFFIXES = (".csv", ".jsonl")
+
+
+def default_decode_threads() -> int:
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    reason: str
+
+
+@dataclass
+class BatchResult:
+    """Predictions for the readable items of one batch, in input order, and the unreadable ones."""
+
+    paths: list[str]                # the file of each prediction
+    indices: list[int | None]       # its row in an array file; None for an image file
+    probabilities: np.ndarray       # float32 [len(paths), classes]
+    failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    images: int = 0       # scored
+    errors: int = 0       # files that could not be read
+    seconds: float = 0.0
+    labelled: int = 0     # scored images that lie in a folder named after a class
+    correct: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def exit_code(self) -> int:
+        """0: every image scored; 1: some could not be; 2: none could be."""
+        if self.images == 0:
+            return 2
+        return 1 if self.errors else 0
+
+    def line(self) -> str:
+        text = f"{self.images:,} images, {self.errors:,} errors, {self.images_per_s:,.0f} images/s ({self.seconds:.1f} s)"
+        if self.accuracy is not None:
+            text += f"; accuracy {self.accuracy:.4f} on {self.labelled:,} labelled images"
+        return text
+
+
+@dataclass
+class _Pending:
+    """A batch on its way: `images` is filled by `jobs` running in the decode pool; each job
+    returns {position: reason} for the items it could not read."""
+
+    paths: list[str]
+    indices: list[int | None]
+    images: np.ndarray
+    jobs: list[Future] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+class Predictor:
+    """An onnxruntime session on a model that honours the serving contract, and its class names."""
+
+    def __init__(self, source: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+        with tempfile.TemporaryDirectory(prefix="cifar-predict-") as tmp:  # the session keeps the model in memory
+            path, self.description = model_source.resolve(str(source), Path(tmp))
+            # no spinning: idle onnxruntime threads would take the cores the decoding threads need
+            self.session = create_session(path, providers, threads, spinning=False)
+        self.class_names = _class_names(self.session)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def predict(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+        """Class probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3]."""
+        return onnx_session.predict(self.session, images, batch_size)
+
+    def iter_batches(self, input: str | Path, batch_size: int = BATCH_SIZE, decode_threads: int | None = None,
+                     strict: bool = False) -> Iterator[BatchResult]:
+        """Predictions for every file under `input` (a folder, searched recursively, or one file), a
+        batch at a time. strict=True raises PipelineError at the first file that cannot be read."""
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        if decode_threads is not None and decode_threads < 1:
+            raise ConfigError(f"--decode-threads must be at least 1, got {decode_threads}")
+        threads = decode_threads or default_decode_threads()
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool, _cancel_on_exit(pool):
+            pending: collections.deque[_Pending] = collections.deque()
+            for batch in _plan_batches(iter_files(Path(input)), batch_size, pool, threads):
+                pending.append(batch)
+                if len(pending) > PREFETCH_BATCHES:
+                    yield self._finish(pending.popleft(), strict)
+            while pending:
+                yield self._finish(pending.popleft(), strict)
+
+    def _finish(self, batch: _Pending, strict: bool) -> BatchResult:
+        failed = {}
+        for job in batch.jobs:
+            failed.update(job.result())
+        failures = batch.failures + [Failure(batch.paths[i], reason) for i, reason in sorted(failed.items())]
+        if strict and failures:
+            raise PipelineError(f"{failures[0].path}: cannot read it ({failures[0].reason}); stopped there (--strict)")
+        images, paths, indices = batch.images, batch.paths, batch.indices
+        if failed:
+            keep = [i for i in range(len(paths)) if i not in failed]
+            images, paths, indices = images[keep], [paths[i] for i in keep], [indices[i] for i in keep]
+        probabilities = self._run(images) if len(images) else np.empty((0, len(self.class_names)), np.float32)
+        return BatchResult(paths, indices, probabilities, failures)
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+def _class_names(session) -> list[str]:
+    classes = session.get_outputs()[0].shape[-1]
+    raw = session.get_modelmeta().custom_metadata_map.get("class_names")
+    names = json.loads(raw) if raw else None
+    if not isinstance(classes, int):
+        classes = len(names) if names else 0
+    if not names or len(names) != classes:
+        log.warning("the model carries no class names for its %d classes; naming them by index", classes)
+        return [str(i) for i in range(classes)]
+    return [str(n) for n in names]
+
+
+@contextlib.contextmanager
+def _cancel_on_exit(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """Drop queued decode jobs when iteration stops early (strict, an error, a closed generator)."""
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- planning batches -----------------------------------------------------------------------
+
+def _plan_batches(files: Iterable[Path], batch_size: int, pool: ThreadPoolExecutor, threads: int) -> Iterator[_Pending]:
+    """Batches of image files (decoded in `threads` chunks) and of array rows, in input order."""
+    images: list[Path] = []
+    for path in files:
+        if not is_array_file(path):
+            images.append(path)
+            if len(images) == batch_size:
+                yield _image_batch(images, pool, threads)
+                images = []
+            continue
+        if images:
+            yield _image_batch(images, pool, threads)
+            images = []
+        yield from _array_batches(path, batch_size, pool)
+    if images:
+        yield _image_batch(images, pool, threads)
+
+
+def _image_batch(paths: list[Path], pool: ThreadPoolExecutor, threads: int) -> _Pending:
+    batch = _Pending([str(p) for p in paths], [None] * len(paths), np.empty((len(paths), 32, 32, 3), np.uint8))
+    step = -(-len(paths) // threads)
+    batch.jobs = [pool.submit(_decode_into, batch.images, paths, start, min(start + step, len(paths)))
+                  for start in range(0, len(paths), step)]
+    return batch
+
+
+def _decode_into(out: np.ndarray, paths: list[Path], start: int, stop: int) -> dict[int, str]:
+    failed = {}
+    for i in range(start, stop):
+        try:
+            out[i] = load_image(paths[i])
+        except UnreadableInput as exc:
+            failed[i] = str(exc)
+    return failed
+
+
+def _array_batches(path: Path, batch_size: int, pool: ThreadPoolExecutor) -> Iterator[_Pending]:
+    try:
+        array = open_array(path)
+    except UnreadableInput as exc:
+        yield _Pending([], [], np.empty((0, 32, 32, 3), np.uint8), failures=[Failure(str(path), str(exc))])
+        return
+    for start in range(0, len(array), batch_size):
+        rows = array[start:start + batch_size]
+        batch = _Pending([str(path)] * len(rows), list(range(start, start + len(rows))), np.empty(rows.shape, np.uint8))
+        batch.jobs = [pool.submit(_copy_rows, batch.images, rows)]  # reads the memory-mapped file off the main thread
+        yield batch
+
+
+def _copy_rows(out: np.ndarray, rows: np.ndarray) -> dict[int, str]:
+    np.copyto(out, rows)
+    return {}
+
+
+# --- writing predictions --------------------------------------------------------------------
+
+def predict_to_file(
+    predictor: Predictor,
+    input: str | Path,
+    output: str | Path,
+    *,
+    errors: str | Path | None = None,
+    top_k: int = 1,
+    labels_from_folders: bool = False,
+    batch_size: int = BATCH_SIZE,
+    decode_threads: int | None = None,
+    strict: bool = False,
+    progress: bool | None = None,
+) -> Summary:
+    """Predict every file under `input`; write the predictions to `output` (CSV, or JSON Lines for
+    .jsonl) and the unreadable files to `errors` (default: OUTPUT.errors.csv beside it). Both are
+    written atomically: a failed or stopped run leaves no partial file. progress=None shows a
+    progress bar only on a terminal."""
+    output = Path(output)
+    errors = Path(errors) if errors is not None else errors_path(output)
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"{output}: the output must end in .csv or .jsonl")
+    if not 1 <= top_k <= len(predictor.class_names):
+        raise ConfigError(f"--top-k must be between 1 and {len(predictor.class_names)}, got {top_k}")
+    summary = Summary()
+    started = time.perf_counter()
+    with atomic_file(output) as out_tmp, atomic_file(errors) as err_tmp, \
+            open(out_tmp, "w", newline="") as out_file, open(err_tmp, "w", newline="") as err_file, \
+            tqdm(desc="predict", unit="img", disable=None if progress is None else not progress, leave=False) as bar:
+        writer = _writer_for(output, out_file, predictor.class_names, top_k, labels_from_folders)
+        error_rows = csv.writer(err_file)
+        error_rows.writerow(["path", "reason"])
+        for batch in predictor.iter_batches(input, batch_size, decode_threads, strict):
+            labels = _folder_labels(batch, predictor.class_names) if labels_from_folders else None
+            writer.write(batch, labels)
+            error_rows.writerows((f.path, f.reason) for f in batch.failures)
+            _count(summary, batch, labels)
+            bar.update(len(batch.paths) + len(batch.failures))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def errors_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.errors.csv")
+
+
+def _count(summary: Summary, batch: BatchResult, labels: np.ndarray | None) -> None:
+    summary.images += len(batch.paths)
+    summary.errors += len(batch.failures)
+    if labels is not None and len(labels):
+        known = labels >= 0
+        summary.labelled += int(known.sum())
+        summary.correct += int((batch.probabilities.argmax(1)[known] == labels[known]).sum())
+
+
+def _folder_labels(batch: BatchResult, class_names: list[str]) -> np.ndarray:
+    """The class index of each image file's folder name; -1 where the folder is not named after a
+    class, and for rows of array files."""
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index.get(Path(p).parent.name, -1) if row is None else -1
+                     for p, row in zip(batch.paths, batch.indices)], dtype=np.int64)
+
+
+def _writer_for(output: Path, file, class_names: list[str], top_k: int, labels: bool):
+    cls = _JsonlWriter if output.suffix.lower() == ".jsonl" else _CsvWriter
+    return cls(file, class_names, top_k, labels)
+
+
+class _Rows:
+    """One record per prediction: path, index, top-1 class and confidence, the other top-k
+    classes, and with folder labels the label and whether the prediction matches it."""
+
+    def __init__(self, file, class_names: list[str], top_k: int, labels: bool):
+        self.file, self.class_names, self.top_k, self.labels = file, class_names, top_k, labels
+
+    def records(self, batch: BatchResult, labels: np.ndarray | None) -> Iterator[tuple[dict, list[tuple]]]:
+        probs = batch.probabilities
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
+        confidence = np.take_along_axis(probs, order, axis=1)
+        for row, (path, index) in enumerate(zip(batch.paths, batch.indices)):
+            top = [(int(c), self.class_names[c], _round(p)) for c, p in zip(order[row], confidence[row])]
+            record = {"path": path, "index": index, "class_index": top[0][0], "class_name": top[0][1],
+                      "confidence": top[0][2]}
+            if self.labels:
+                label = int(labels[row])
+                record["label"] = self.class_names[label] if label >= 0 else None
+                record["correct"] = (label == top[0][0]) if label >= 0 else None
+            yield record, top
+
+
+class _CsvWriter(_Rows):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.csv = csv.writer(self.file)
+        header = ["path", "index", "class_index", "class_name", "confidence"]
+        header += ["label", "correct"] if self.labels else []
+        for k in range(2, self.top_k + 1):
+            header += [f"top{k}_class_index", f"top{k}_class_name", f"top{k}_confidence"]
+        self.csv.writerow(header)
+
+    def write(self, batch: BatchResult, labels: np.ndarray | None) -> None:
+        for record, top in self.records(batch, labels):
+            values = ["" if v is None else int(v) if isinstance(v, bool) else v for v in record.values()]
+            self.csv.writerow(values + [v for entry in top[1:] for v in entry])
+
+
+class _JsonlWriter(_Rows):
+    def write(self, batch: BatchResult, labels: np.ndarray | None) -> None:
+        for record, top in self.records(batch, labels):
+            if self.top_k > 1:
+                record["top_k"] = [{"class_index": c, "class_name": n, "confidence": p} for c, n, p in top]
+            self.file.write(json.dumps(record) + "\n")
+
+
+def _round(p: float) -> float:
+    return float(f"{p:.6g}")
+
+
+# --- the command ----------------------------------------------------------------------------
+
+PROVIDER_SHORTHANDS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def parse_providers(text: str | None) -> list[str] | None:
+    """`--providers`: auto (None), cpu, cuda (CUDA with the CPU for any node CUDA lacks), or a
+    comma-separated list of onnxruntime provider names."""
+    if text is None or text == "auto":
+        return None
+    if text.lower() in PROVIDER_SHORTHANDS:
+        return PROVIDER_SHORTHANDS[text.lower()]
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def run(model: str, input: str | Path, output: str | Path, *, providers: str | None = None,
+        threads: int | None = None, **options) -> Summary:
+    """`cifar-pipeline predict`: predict_to_file with a model source, logging what it did.
+    Returns the summary; its exit_code is the command's exit status."""
+    check_input(input)  # before the model: loading one from the registry takes seconds
+    try:
+        predictor = Predictor(model, parse_providers(providers), threads)
+    except PipelineError as exc:  # no usable model, so nothing scored: predict's status for that is 2
+        raise ConfigError(str(exc)) from None
+    log.info("model %s on %s", predictor.description, ", ".join(predictor.providers))
+    summary = predict_to_file(predictor, input, output, **options)
+    errors = options.get("errors") or errors_path(Path(output))
+    log.info("predict: %s", summary.line())
+    log.info("wrote %s and %s", output, errors)
+    if summary.images == 0:
+        found = f"none of the {summary.errors:,} files could be read (see {errors})" if summary.errors else f"no files under {input}"
+        log.error("error: no image scored: %s", found)
+    elif summary.errors:
+        log.warning("warning: %s of %s files could not be read; their paths and reasons are in %s",
+                    f"{summary.errors:,}", f"{summary.images + summary.errors:,}", errors)
+    if options.get("labels_from_folders") and summary.images and summary.accuracy is None:
+        log.warning("warning: no scored image lies in a folder named after a class (%s); no accuracy",
+                    ", ".join(predictor.class_names))
+    return summary
