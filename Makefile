@@ -11,7 +11,7 @@ PIP_QUIET := grep -v "^WARNING: Location 'file:" || true
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run serve sweep test ui bench-train bench-inference clean
+.PHONY: install run serve sweep test ui bench-train bench-inference clean postgres mlflow-server prefect-server
 
 install: $(STAMP)
 
@@ -36,6 +36,16 @@ test: $(STAMP)  ## the full test suite, slow end-to-end tests included
 
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# Shared servers (pipeline/servers.py); each binds to 127.0.0.1 unless HOST is given.
+postgres: $(STAMP)  ## a development PostgreSQL for mlflow-server in .servers/postgres, port PGPORT (5432); STOP=1 stops it
+	$(BIN)/python -m pipeline.servers postgres $(if $(PGPORT),--port $(PGPORT)) $(if $(STOP),--stop)
+
+mlflow-server: $(STAMP)  ## MLflow tracking server on $$MLFLOW_BACKEND_STORE_URI (PostgreSQL); ARTIFACTS, HOST, PORT (5000)
+	$(BIN)/python -m pipeline.servers mlflow $(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+prefect-server: $(STAMP)  ## Prefect server (API and UI); HOST, PORT (4200)
+	$(BIN)/python -m pipeline.servers prefect $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 bench-train: $(STAMP)  ## project vs seed training loop, images/s; ARGS="ARCHIVE --steps 100"
 	$(BIN)/python bench/train_throughput.py $(ARGS)

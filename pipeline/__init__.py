@@ -1,1 +1,2 @@
-"""Prefect flows that orchestrate the DVC pipeline (flow.py) and parameter sweeps (sweep.py)."""
+"""Prefect flows that orchestrate the DVC pipeline (flow.py) and parameter sweeps (sweep.py),
+and the servers they scale out to (servers.py)."""

@@ -1,6 +1,8 @@
-"""The servers a team shares when one machine is not enough: the MLflow tracking server on
-PostgreSQL, the Prefect server, and a PostgreSQL cluster for development. Each is the engine's
-own server; this module starts it with safe defaults and stops it with all its children.
+"""Shared servers for when one machine is not enough: MLflow on PostgreSQL, Prefect.
+
+The MLflow tracking server on PostgreSQL, the Prefect server, and a PostgreSQL cluster for
+development: each is the engine's own server; this module starts it with safe defaults and stops
+it with all its children.
 
     python -m pipeline.servers postgres [--dir .servers/postgres] [--port 5432]   # init once, start
     python -m pipeline.servers postgres --stop
@@ -78,19 +80,20 @@ def group_members(pgid: int) -> list[psutil.Process]:
 
 
 def wait_gone(pgid: int, members: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Wait for `members` to exit, then SIGKILL what is left of them and of group `pgid`; returns
-    the processes still alive after that (none, normally)."""
+    """Wait for `members` to exit, then SIGKILL what is left of them and of group `pgid`. Returns
+    the processes that had to be killed (none when the server stopped cleanly)."""
     _, alive = psutil.wait_procs(members, timeout=timeout_s)
     alive += [p for p in group_members(pgid) if p not in alive]
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    _, alive = psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(alive, timeout=5)
     return alive
 
 
 def stop_group(proc: subprocess.Popen, timeout_s: float = 30) -> list[psutil.Process]:
-    """SIGTERM the process group that `proc` leads (see start_group); returns survivors (see wait_gone)."""
+    """SIGTERM the process group that `proc` leads (see start_group); returns the processes that
+    had to be killed after that (see wait_gone)."""
     members = group_members(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -202,13 +205,18 @@ class Postgres:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone() is None:
                 conn.execute(f"CREATE DATABASE {DB_NAME}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running server's pid (pg_ctl starts it as a process group leader), else None."""
+        pid_file = self.data / "postmaster.pid"
+        return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+
     def stop(self, mode: str = "fast", timeout_s: float = 30) -> list[psutil.Process]:
         """pg_ctl stop (mode fast, or immediate for a throwaway cluster); returns the server's
-        processes still alive afterwards (none, normally)."""
-        pid_file = self.data / "postmaster.pid"
-        if not pid_file.exists():
+        processes that had to be killed after that (see wait_gone)."""
+        postmaster = self.pid
+        if postmaster is None:
             return []
-        postmaster = int(pid_file.read_text().split()[0])  # pg_ctl starts it as a process group leader
         members = group_members(postmaster)
         self.pg("pg_ctl", "stop", "-D", self.data, "-m", mode, "-w")
         return wait_gone(postmaster, members, timeout_s)

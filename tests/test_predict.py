@@ -99,6 +99,12 @@ def test_images_of_any_mode_and_size_become_32x32_rgb(tmp_path):
     on_white = rgba[..., :3] * alpha + 255 * (1 - alpha)
     assert np.abs(load_image(folder / "rgba.png") - on_white).max() <= 1
 
+    deep = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30)
+    Image.fromarray(deep).resize((32, 32), Image.Resampling.NEAREST).save(tmp_path / "16bit.png")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"
+    top_bits = (np.asarray(Image.open(tmp_path / "16bit.png")) >> 8).astype(np.uint8)
+    assert np.array_equal(load_image(tmp_path / "16bit.png"), np.stack([top_bits] * 3, axis=-1))
+
     photo = load_image(folder / "photo.jpg")
     full = np.asarray(Image.open(folder / "photo.jpg").convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
     assert photo.shape == (32, 32, 3) and photo.dtype == np.uint8
@@ -129,7 +135,7 @@ def test_npy_predictions_equal_the_onnx_session(tmp_path, onnx_model):
 
 def test_python_api(onnx_model, tmp_path):
     images, _ = make_images(2, seed=6)
-    predictor = Predictor(onnx_model, providers=["CPUExecutionProvider"], threads=1)
+    predictor = Predictor(onnx_model, providers=["CPUExecutionProvider"], threads=2, workers=3)
     assert predictor.class_names == CLASSES
     np.testing.assert_allclose(predictor.predict(images, batch_size=8), reference(onnx_model, images), atol=1e-6)
 
@@ -137,6 +143,32 @@ def test_python_api(onnx_model, tmp_path):
     batches = list(predictor.iter_batches(tmp_path, batch_size=8))
     assert [len(b.paths) for b in batches] == [8, 8, 4]
     assert np.concatenate([b.indices for b in batches]).tolist() == list(range(20))
+
+
+def test_input_is_streamed_not_loaded(tmp_path, onnx_model, monkeypatch):
+    import cifar_pipeline.predict as predict_module
+    from cifar_pipeline.inputs import open_array
+
+    images, _ = make_images(10, seed=1)
+    for i, image in enumerate(images):
+        save_png(tmp_path / "in" / f"{i:03}.png", image)
+    listed, real_iter_files = [], predict_module.iter_files
+
+    def counting_iter_files(root):
+        for path in real_iter_files(root):
+            listed.append(path)
+            yield path
+
+    monkeypatch.setattr(predict_module, "iter_files", counting_iter_files)
+    predictor = Predictor(onnx_model, workers=2)
+    batches = predictor.iter_batches(tmp_path / "in", batch_size=4)
+    assert len(next(batches).paths) == 4
+    in_flight = predictor.workers + predict_module.PREFETCH_BATCHES + 1
+    assert len(listed) <= 4 * in_flight < len(images)  # only a few batches ahead
+    batches.close()
+
+    np.save(tmp_path / "x.npy", images)
+    assert isinstance(open_array(tmp_path / "x.npy"), np.memmap)  # rows are read batch by batch
 
 
 def test_predict_does_not_import_torch(onnx_model):
@@ -218,6 +250,7 @@ def test_exit_2_when_nothing_can_be_scored(tmp_path, onnx_model, logs):
     (["--model", "model.pt"], "is not an .onnx file"),
     (["--model", "models:/x"], "is not understood"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--workers", "0"], "must be at least 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, onnx_model, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

@@ -49,8 +49,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from cifar_pipeline import predict
 
-    options = {k: getattr(args, k) for k in ("errors", "top_k", "labels_from_folders", "batch_size", "decode_threads", "strict")}
-    return predict.run(args.model, args.input, args.output, providers=args.providers, threads=args.threads, **options).exit_code
+    options = {k: getattr(args, k) for k in ("errors", "top_k", "labels_from_folders", "batch_size", "strict")}
+    return predict.run(args.model, args.input, args.output, providers=args.providers, threads=args.threads,
+                       workers=args.workers, **options).exit_code
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +68,10 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime call (default: 256)")
     parser.add_argument("--providers", metavar="LIST", help="auto (default: CUDA where it really works, else CPU), cpu, cuda, "
                         "or onnxruntime provider names, comma-separated")
-    parser.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: one per core)")
-    parser.add_argument("--decode-threads", type=int, metavar="N", help="image decoding threads (default: half the cores, 1 to 4)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="batches decoded and run at once, each in its own thread (default: one per core)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="onnxruntime threads per batch (default: 1; the workers use the cores)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file (exit 1, no output written)")
 
 

@@ -2,8 +2,8 @@
 
 Every image becomes uint8 [32, 32, 3] RGB, the serving contract's input:
 - the first frame, turned upright by its EXIF orientation;
-- transparent pixels composited onto white; any other mode (grayscale, palette, CMYK, 16-bit)
-  converted to RGB by Pillow;
+- transparent pixels composited onto white; 16-bit grayscale reduced to its top 8 bits; any other
+  mode (grayscale, palette, CMYK, ...) converted to RGB by Pillow;
 - the whole image resized to 32x32, aspect ratio not kept, with Pillow's bilinear filter, which
   averages over the source pixels when shrinking (antialiased). JPEGs larger than 64x64 are first
   shrunk by the JPEG decoder itself (DCT scaling, to no less than 64x64), which is much faster.
@@ -79,6 +79,8 @@ def load_image(path: Path) -> np.ndarray:
 def _to_rgb_32(img: Image.Image) -> Image.Image:
     img.draft("RGB", DRAFT_SIZE)  # a no-op for anything but a JPEG larger than DRAFT_SIZE
     img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits (Pillow's convert would clip at 255)
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)

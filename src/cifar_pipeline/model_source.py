@@ -10,15 +10,19 @@ directory the caller gives. MLflow is imported only for them: a file needs onnxr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cifar_pipeline.errors import ConfigError
 
 URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION or a path to an .onnx file"
 MAX_LISTED = 10
+PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,9 @@ def resolve(source: str, download_dir: Path) -> tuple[Path, str]:
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = _version(client, ref, uri)
-    local = Path(download_artifacts(artifact_uri=f"models:/{ref.name}/{version}", dst_path=str(download_dir),
-                                    tracking_uri=uri, registry_uri=uri))
+    with _artifact_progress_bar_off():  # a few small files; the bar would only clutter the log
+        local = Path(download_artifacts(artifact_uri=f"models:/{ref.name}/{version}", dst_path=str(download_dir),
+                                        tracking_uri=uri, registry_uri=uri))
     onnx_files = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
     if not onnx_files:
         raise ConfigError(f"models:/{ref.name}/{version} holds no .onnx file; register an ONNX model (cifar-pipeline register)")
@@ -83,6 +88,19 @@ def _version(client, ref: RegistryRef, uri: str) -> str:
     if int(ref.version) not in versions:
         raise ConfigError(f"model {ref.name!r} has no version {ref.version}; its versions: {_listing([str(v) for v in versions])}")
     return ref.version
+
+
+@contextlib.contextmanager
+def _artifact_progress_bar_off() -> Iterator[None]:
+    """MLflow's artifact download bar off, unless the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR."""
+    if PROGRESS_BAR_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[PROGRESS_BAR_VARIABLE] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_BAR_VARIABLE, None)
 
 
 def _listing(items: list[str]) -> str:

@@ -8,8 +8,8 @@ The Python API that `cifar-pipeline predict` wraps:
         ...                                                    # BatchResult: paths, probabilities, failures
     summary = predict_to_file(predictor, "photos/", "predictions.csv")
 
-It streams: while onnxruntime runs one batch, a thread pool decodes the next ones, and only those
-few batches are ever in memory. A file that cannot be read goes into the errors file and the run
+It streams: a pool of worker threads reads and runs batches side by side (one decodes while
+another is in onnxruntime), and only those few batches are ever in memory. A file that cannot be read goes into the errors file and the run
 goes on (or, with strict=True, stops). Nothing here imports torch: a serving host needs
 onnxruntime, numpy and Pillow (and MLflow for registry sources).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import functools
 import json
 import logging
 import os
@@ -27,26 +28,27 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from cifar_pipeline import model_source, onnx_session
+from cifar_pipeline import model_source
 from cifar_pipeline.atomic import atomic_file
 from cifar_pipeline.errors import ConfigError, PipelineError
 from cifar_pipeline.inputs import UnreadableInput, check_input, is_array_file, iter_files, load_image, open_array
-from cifar_pipeline.onnx_session import INPUT_NAME, OUTPUT_NAME, create_session
+from cifar_pipeline.onnx_session import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, check_images, create_session
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 256
-PREFETCH_BATCHES = 2  # decoded ahead of the one onnxruntime is running
+PREFETCH_BATCHES = 2  # queued beyond the ones the workers are busy with
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
-def default_decode_threads() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+def default_workers() -> int:
+    """One per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -96,26 +98,32 @@ class Summary:
 
 
 @dataclass
-class _Pending:
-    """A batch on its way: `images` is filled by `jobs` running in the decode pool; each job
-    returns {position: reason} for the items it could not read."""
+class _Plan:
+    """A batch to be: its items, how to read their images, and failures found while planning."""
 
     paths: list[str]
     indices: list[int | None]
-    images: np.ndarray
-    jobs: list[Future] = field(default_factory=list)
+    read: Callable[[], tuple[np.ndarray, dict[int, str]]]  # the images, and {position: reason} for unreadable ones
     failures: list[Failure] = field(default_factory=list)
 
 
 class Predictor:
-    """An onnxruntime session on a model that honours the serving contract, and its class names."""
+    """An onnxruntime session on a model that honours the serving contract, its class names, and
+    how batches run: `workers` batches at once, each read and run in its own thread with `threads`
+    onnxruntime threads. On a CPU, batches side by side on one thread each beat one batch at a time
+    on all the cores: nothing waits at onnxruntime's per-operator barriers while another batch is
+    being decoded (bench/inference.py compares the two)."""
 
-    def __init__(self, source: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, source: str | Path, providers: Sequence[str] | None = None, threads: int = 1,
+                 workers: int | None = None):
+        if threads < 1 or (workers is not None and workers < 1):
+            raise ConfigError(f"threads and workers must be at least 1, got {threads} and {workers}")
         with tempfile.TemporaryDirectory(prefix="cifar-predict-") as tmp:  # the session keeps the model in memory
             path, self.description = model_source.resolve(str(source), Path(tmp))
-            # no spinning: idle onnxruntime threads would take the cores the decoding threads need
+            # no spinning: idle onnxruntime threads would take the cores other batches need
             self.session = create_session(path, providers, threads, spinning=False)
         self.class_names = _class_names(self.session)
+        self.workers = workers or default_workers()
 
     @property
     def providers(self) -> list[str]:
@@ -123,34 +131,33 @@ class Predictor:
 
     def predict(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Class probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3]."""
-        return onnx_session.predict(self.session, images, batch_size)
+        check_images(images)
+        if len(images) <= batch_size:
+            return self._run(images)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="predict") as pool:
+            out = list(pool.map(self._run, (images[i:i + batch_size] for i in range(0, len(images), batch_size))))
+        return np.concatenate(out) if out else np.empty((0, len(self.class_names)), np.float32)
 
-    def iter_batches(self, input: str | Path, batch_size: int = BATCH_SIZE, decode_threads: int | None = None,
-                     strict: bool = False) -> Iterator[BatchResult]:
+    def iter_batches(self, input: str | Path, batch_size: int = BATCH_SIZE, strict: bool = False) -> Iterator[BatchResult]:
         """Predictions for every file under `input` (a folder, searched recursively, or one file), a
-        batch at a time. strict=True raises PipelineError at the first file that cannot be read."""
+        batch at a time, in input order. strict=True raises PipelineError at the first file that
+        cannot be read."""
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-        if decode_threads is not None and decode_threads < 1:
-            raise ConfigError(f"--decode-threads must be at least 1, got {decode_threads}")
-        threads = decode_threads or default_decode_threads()
-        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool, _cancel_on_exit(pool):
-            pending: collections.deque[_Pending] = collections.deque()
-            for batch in _plan_batches(iter_files(Path(input)), batch_size, pool, threads):
-                pending.append(batch)
-                if len(pending) > PREFETCH_BATCHES:
-                    yield self._finish(pending.popleft(), strict)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="predict") as pool, _cancel_on_exit(pool):
+            pending: collections.deque[Future[BatchResult]] = collections.deque()
+            for plan in _plan_batches(iter_files(Path(input)), batch_size):
+                pending.append(pool.submit(self._process, plan))
+                if len(pending) > self.workers + PREFETCH_BATCHES:
+                    yield _checked(pending.popleft().result(), strict)
             while pending:
-                yield self._finish(pending.popleft(), strict)
+                yield _checked(pending.popleft().result(), strict)
 
-    def _finish(self, batch: _Pending, strict: bool) -> BatchResult:
-        failed = {}
-        for job in batch.jobs:
-            failed.update(job.result())
-        failures = batch.failures + [Failure(batch.paths[i], reason) for i, reason in sorted(failed.items())]
-        if strict and failures:
-            raise PipelineError(f"{failures[0].path}: cannot read it ({failures[0].reason}); stopped there (--strict)")
-        images, paths, indices = batch.images, batch.paths, batch.indices
+    def _process(self, plan: _Plan) -> BatchResult:
+        """Read one batch and run it (in a worker thread)."""
+        images, failed = plan.read()
+        failures = plan.failures + [Failure(plan.paths[i], reason) for i, reason in sorted(failed.items())]
+        paths, indices = plan.paths, plan.indices
         if failed:
             keep = [i for i in range(len(paths)) if i not in failed]
             images, paths, indices = images[keep], [paths[i] for i in keep], [indices[i] for i in keep]
@@ -159,6 +166,13 @@ class Predictor:
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+def _checked(batch: BatchResult, strict: bool) -> BatchResult:
+    if strict and batch.failures:
+        first = batch.failures[0]
+        raise PipelineError(f"{first.path}: cannot read it ({first.reason}); stopped there (--strict)")
+    return batch
 
 
 def _class_names(session) -> list[str]:
@@ -175,7 +189,7 @@ def _class_names(session) -> list[str]:
 
 @contextlib.contextmanager
 def _cancel_on_exit(pool: ThreadPoolExecutor) -> Iterator[None]:
-    """Drop queued decode jobs when iteration stops early (strict, an error, a closed generator)."""
+    """Drop queued batches when iteration stops early (strict, an error, a closed generator)."""
     try:
         yield
     finally:
@@ -184,58 +198,55 @@ def _cancel_on_exit(pool: ThreadPoolExecutor) -> Iterator[None]:
 
 # --- planning batches -----------------------------------------------------------------------
 
-def _plan_batches(files: Iterable[Path], batch_size: int, pool: ThreadPoolExecutor, threads: int) -> Iterator[_Pending]:
-    """Batches of image files (decoded in `threads` chunks) and of array rows, in input order."""
+def _plan_batches(files: Iterable[Path], batch_size: int) -> Iterator[_Plan]:
+    """Batches of image files and of array rows, in input order, planned lazily."""
     images: list[Path] = []
     for path in files:
         if not is_array_file(path):
             images.append(path)
             if len(images) == batch_size:
-                yield _image_batch(images, pool, threads)
+                yield _image_plan(images)
                 images = []
             continue
         if images:
-            yield _image_batch(images, pool, threads)
+            yield _image_plan(images)
             images = []
-        yield from _array_batches(path, batch_size, pool)
+        yield from _array_plans(path, batch_size)
     if images:
-        yield _image_batch(images, pool, threads)
+        yield _image_plan(images)
 
 
-def _image_batch(paths: list[Path], pool: ThreadPoolExecutor, threads: int) -> _Pending:
-    batch = _Pending([str(p) for p in paths], [None] * len(paths), np.empty((len(paths), 32, 32, 3), np.uint8))
-    step = -(-len(paths) // threads)
-    batch.jobs = [pool.submit(_decode_into, batch.images, paths, start, min(start + step, len(paths)))
-                  for start in range(0, len(paths), step)]
-    return batch
+def _image_plan(paths: list[Path]) -> _Plan:
+    return _Plan([str(p) for p in paths], [None] * len(paths), functools.partial(_decode, paths))
 
 
-def _decode_into(out: np.ndarray, paths: list[Path], start: int, stop: int) -> dict[int, str]:
-    failed = {}
-    for i in range(start, stop):
+def _decode(paths: list[Path]) -> tuple[np.ndarray, dict[int, str]]:
+    images, failed = np.empty((len(paths), *IMAGE_SHAPE), np.uint8), {}
+    for i, path in enumerate(paths):
         try:
-            out[i] = load_image(paths[i])
+            images[i] = load_image(path)
         except UnreadableInput as exc:
             failed[i] = str(exc)
-    return failed
+    return images, failed
 
 
-def _array_batches(path: Path, batch_size: int, pool: ThreadPoolExecutor) -> Iterator[_Pending]:
+def _array_plans(path: Path, batch_size: int) -> Iterator[_Plan]:
     try:
         array = open_array(path)
     except UnreadableInput as exc:
-        yield _Pending([], [], np.empty((0, 32, 32, 3), np.uint8), failures=[Failure(str(path), str(exc))])
+        yield _Plan([], [], _no_images, failures=[Failure(str(path), str(exc))])
         return
     for start in range(0, len(array), batch_size):
-        rows = array[start:start + batch_size]
-        batch = _Pending([str(path)] * len(rows), list(range(start, start + len(rows))), np.empty(rows.shape, np.uint8))
-        batch.jobs = [pool.submit(_copy_rows, batch.images, rows)]  # reads the memory-mapped file off the main thread
-        yield batch
+        rows = array[start:start + batch_size]  # of a memory-map: read by the worker, not here
+        yield _Plan([str(path)] * len(rows), list(range(start, start + len(rows))), functools.partial(_read_rows, rows))
 
 
-def _copy_rows(out: np.ndarray, rows: np.ndarray) -> dict[int, str]:
-    np.copyto(out, rows)
-    return {}
+def _read_rows(rows: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    return np.array(rows), {}
+
+
+def _no_images() -> tuple[np.ndarray, dict[int, str]]:
+    return np.empty((0, *IMAGE_SHAPE), np.uint8), {}
 
 
 # --- writing predictions --------------------------------------------------------------------
@@ -249,7 +260,6 @@ def predict_to_file(
     top_k: int = 1,
     labels_from_folders: bool = False,
     batch_size: int = BATCH_SIZE,
-    decode_threads: int | None = None,
     strict: bool = False,
     progress: bool | None = None,
 ) -> Summary:
@@ -271,7 +281,7 @@ def predict_to_file(
         writer = _writer_for(output, out_file, predictor.class_names, top_k, labels_from_folders)
         error_rows = csv.writer(err_file)
         error_rows.writerow(["path", "reason"])
-        for batch in predictor.iter_batches(input, batch_size, decode_threads, strict):
+        for batch in predictor.iter_batches(input, batch_size, strict):
             labels = _folder_labels(batch, predictor.class_names) if labels_from_folders else None
             writer.write(batch, labels)
             error_rows.writerows((f.path, f.reason) for f in batch.failures)
@@ -373,15 +383,16 @@ def parse_providers(text: str | None) -> list[str] | None:
 
 
 def run(model: str, input: str | Path, output: str | Path, *, providers: str | None = None,
-        threads: int | None = None, **options) -> Summary:
+        threads: int = 1, workers: int | None = None, **options) -> Summary:
     """`cifar-pipeline predict`: predict_to_file with a model source, logging what it did.
     Returns the summary; its exit_code is the command's exit status."""
     check_input(input)  # before the model: loading one from the registry takes seconds
     try:
-        predictor = Predictor(model, parse_providers(providers), threads)
+        predictor = Predictor(model, parse_providers(providers), threads, workers)
     except PipelineError as exc:  # no usable model, so nothing scored: predict's status for that is 2
         raise ConfigError(str(exc)) from None
-    log.info("model %s on %s", predictor.description, ", ".join(predictor.providers))
+    log.info("model %s on %s; %d workers x %d onnxruntime threads", predictor.description,
+             ", ".join(predictor.providers), predictor.workers, threads)
     summary = predict_to_file(predictor, input, output, **options)
     errors = options.get("errors") or errors_path(Path(output))
     log.info("predict: %s", summary.line())
