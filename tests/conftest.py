@@ -75,7 +75,10 @@ def init_project(root: Path, monkeypatch, tiny_archive, http_server) -> Path:
 
 def use_project(root: Path, monkeypatch) -> None:
     monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if "mlflow" in sys.modules:  # set_tracking_uri is process-wide and outranks the variable
+        sys.modules["mlflow"].set_tracking_uri(uri)
 
 
 @pytest.fixture

@@ -37,13 +37,24 @@ def _train(args: argparse.Namespace) -> None:
     from cifar_pipeline import train
     from cifar_pipeline.config import load_section
 
-    sections = {name: load_section(name, args.params) for name in ("model", "train", "data")}
+    sections = {name: load_section(name, args.params) for name in ("model", "train", "data")}  # checked before any launch
+    if args.nproc > 1:
+        from cifar_pipeline import distributed
+
+        if distributed.launched_by_torchrun():
+            raise PipelineError("--nproc starts torchrun itself; under torchrun leave it out")
+        worker = ["--params", str(args.params), *(["--verbose"] if args.verbose else []), "train"]
+        distributed.launch(args.nproc, worker + (["--resume"] if args.resume else []))
+        return
     train.run(sections["model"], sections["train"], sections["data"], resume=args.resume)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from models/checkpoint.pt in the same MLflow run")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train in N processes with DistributedDataParallel, started by torchrun: "
+                             "one per GPU, or sharing the CPU (default: 1)")
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ class TrainConfig(Section):
     channels_last: bool
     compile: bool
     eval_every: int = Field(ge=0)
+    sync_batchnorm: bool = False  # distributed training: BatchNorm over the global batch (CUDA)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "TrainConfig":

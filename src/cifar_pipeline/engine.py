@@ -138,6 +138,9 @@ class EpochStats:
 # progress(steps done, steps in the epoch, mean loss so far, accuracy so far, images/s so far)
 Progress = Callable[[int, int, float, float, float], None]
 
+# In distributed training: a tensor averaged over all the processes (an all-reduce).
+Average = Callable[[torch.Tensor], torch.Tensor]
+
 
 def train_epoch(
     model: nn.Module,
@@ -150,9 +153,13 @@ def train_epoch(
     label_smoothing: float = 0.0,
     watched_stages: tuple[nn.Module, nn.Module] | None = None,
     progress: Progress | None = None,
+    average: Average | None = None,
 ) -> EpochStats:
     """One pass over `batches`. Raises NonFiniteLoss (naming the 1-based step) when the loss
-    stops being finite. `watched_stages` (first, last) get their gradient norms averaged."""
+    stops being finite. `watched_stages` (first, last) get their gradient norms averaged.
+    `average` (distributed training) turns each step's loss into the whole global batch's before
+    it is checked, so every process sees the same losses and all stop at the same step.
+    Accuracy, images and seconds stay this process's own."""
     model.train()
     steps = len(batches)
     losses = torch.zeros(steps, device=device)
@@ -176,6 +183,8 @@ def train_epoch(
         correct += (logits.argmax(1) == y).sum()
         images += len(y)
         if step + 1 == steps or (step + 1) % sync_every == 0:
+            if average is not None:
+                losses[checked:step + 1] = average(losses[checked:step + 1])
             checked = _check_finite(losses, checked, step + 1)
             if progress is not None:
                 elapsed = time.perf_counter() - start
@@ -202,8 +211,9 @@ def _check_finite(losses: torch.Tensor, checked: int, upto: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             device: torch.device, dtype: torch.dtype | None) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) over `batches`, in eval mode."""
+             device: torch.device, dtype: torch.dtype | None, average: Average | None = None) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) over `batches`, in eval mode; with `average`, over
+    every process's batches."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -214,4 +224,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         count += len(y)
-    return loss_sum.item() / count, correct.item() / count
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(count, dtype=torch.float64, device=device)])
+    if average is not None:
+        totals = average(totals)  # means of the sums: their ratios are those of the sums
+    loss_total, correct_total, count_total = totals.tolist()
+    return loss_total / count_total, correct_total / count_total

@@ -132,11 +132,12 @@ class Predictor:
     def predict(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Class probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3]."""
         check_images(images)
+        if len(images) == 0:
+            return np.empty((0, len(self.class_names)), np.float32)
         if len(images) <= batch_size:
             return self._run(images)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="predict") as pool:
-            out = list(pool.map(self._run, (images[i:i + batch_size] for i in range(0, len(images), batch_size))))
-        return np.concatenate(out) if out else np.empty((0, len(self.class_names)), np.float32)
+            return np.concatenate(list(pool.map(self._run, (images[i:i + batch_size] for i in range(0, len(images), batch_size)))))
 
     def iter_batches(self, input: str | Path, batch_size: int = BATCH_SIZE, strict: bool = False) -> Iterator[BatchResult]:
         """Predictions for every file under `input` (a folder, searched recursively, or one file), a
@@ -391,7 +392,7 @@ def run(model: str, input: str | Path, output: str | Path, *, providers: str | N
         predictor = Predictor(model, parse_providers(providers), threads, workers)
     except PipelineError as exc:  # no usable model, so nothing scored: predict's status for that is 2
         raise ConfigError(str(exc)) from None
-    log.info("model %s on %s; %d workers x %d onnxruntime threads", predictor.description,
+    log.info("model %s on %s; %d workers, %d onnxruntime thread(s) each", predictor.description,
              ", ".join(predictor.providers), predictor.workers, threads)
     summary = predict_to_file(predictor, input, output, **options)
     errors = options.get("errors") or errors_path(Path(output))

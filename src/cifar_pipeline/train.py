@@ -9,6 +9,9 @@
 Each epoch: train (engine.train_epoch), evaluate every `eval_every` epochs, write the
 checkpoint, then log the epoch to MLflow. The checkpoint holds every epoch's row, so a resumed
 training logs what the interruption left unlogged and never logs an epoch twice.
+
+Under torchrun (distributed.py) every process runs this same loop on its slice of each batch;
+rank 0 alone tracks the run in MLflow and writes the checkpoint and the outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cifar_pipeline import engine
+from cifar_pipeline import distributed, engine
 from cifar_pipeline.atomic import atomic_file, write_json, write_text
 from cifar_pipeline.checkpoint import MODEL_PATH, save_model
 from cifar_pipeline.config import DataConfig, ModelConfig, TrainConfig
@@ -54,54 +57,69 @@ CURVE_COLUMNS = [
 
 @dataclass
 class Training:
-    """What one training works with: the model (and the module to call, compiled or not), the
-    device loaders, the optimizer and the schedule."""
+    """What one training works with: the model (and the module to call, compiled or not; and
+    the one training steps call, the latter wrapped for distributed training), the device
+    loaders, the optimizer and the schedule."""
     model: nn.Module
     net: nn.Module
+    train_net: nn.Module
     train_batches: DeviceLoader
     test_batches: DeviceLoader
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def run(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig | None = None, *, resume: bool = False) -> dict:
+def run(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig | None = None, *,
+        resume: bool = False) -> dict | None:
+    """Train, alone or as one of the processes torchrun started. Returns reports/train.json's
+    contents (None in the processes other than rank 0)."""
+    with distributed.process_group(train_cfg.device) as ranks:
+        return train(ranks, model_cfg, train_cfg, data_cfg, resume=resume)
+
+
+def train(ranks: distributed.Ranks, model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig | None, *,
+          resume: bool) -> dict | None:
     config = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json")}
     checkpoint = load_checkpoint(config) if resume else None
-    device = engine.resolve_device(train_cfg.device)
+    device = ranks.device
     dtype = engine.resolve_precision(train_cfg.precision, device)
     manifest = load_manifest()
     splits = {"train": load_split("train"), "test": load_split("test")}
-    t = build_training(model_cfg, train_cfg, splits, len(manifest["class_names"]), device)
+    t = build_training(model_cfg, train_cfg, splits, len(manifest["class_names"]), ranks)
     history: list[dict] = []
     if checkpoint is not None:
         restore_checkpoint(checkpoint, t, device)
         history = checkpoint["history"]
         log.info("resuming after epoch %d of %d", checkpoint["epoch"], train_cfg.epochs)
-    log.info("training on %s (%s, %s), %s parameters, %d epochs of %d steps",
-             device, engine.device_name(device), engine.precision_name(dtype),
-             f"{count_parameters(t.model):,}", train_cfg.epochs, len(t.train_batches))
+    log.info("training on %s (%s, %s), %s parameters, %d epochs of %d steps%s",
+             device, engine.device_name(device), engine.precision_name(dtype), f"{count_parameters(t.model):,}",
+             train_cfg.epochs, len(t.train_batches), ranks.describe(train_cfg.batch_size))
 
-    from cifar_pipeline.train_tracking import training_run  # MLflow only here, not in the core
+    from cifar_pipeline.train_tracking import training_run, untracked_run  # MLflow only here, not in the core
 
     params = {**config, **({"data": data_cfg.model_dump(mode="json")} if data_cfg is not None else {})}
     tags = {**git_state(), "data_digest": manifest["digest"], "device": engine.device_name(device),
             "precision": engine.precision_name(dtype), "torch_version": torch.__version__,
-            "num_parameters": str(count_parameters(t.model))}
-    with sigterm_as_interrupt(), training_run(
+            "num_parameters": str(count_parameters(t.model)), "processes": str(ranks.world_size)}
+    tracked = training_run(
         train_cfg.experiment, resume_run_id=checkpoint["run_id"] if checkpoint else None, params=params,
         tags=tags, datasets=splits, data_digest=manifest["digest"], data_source=PREPARED_DIR,
-    ) as mlrun:
+    ) if ranks.is_main else untracked_run()
+    with sigterm_as_interrupt(), tracked as mlrun:
         logged = mlrun.logged_epochs()
         for row in history:  # rows checkpointed before an interruption stopped them being logged
             if row["epoch"] not in logged:
                 mlrun.log_epoch(row)
 
         for epoch in range(len(history) + 1, train_cfg.epochs + 1):
-            history.append(run_epoch(epoch, t, train_cfg, device, dtype))
-            save_checkpoint(CHECKPOINT_PATH, epoch, t, history, config, mlrun.run_id)
+            history.append(run_epoch(epoch, t, train_cfg, ranks, dtype))
+            if ranks.is_main:
+                save_checkpoint(CHECKPOINT_PATH, epoch, t, history, config, mlrun.run_id)
             mlrun.log_epoch(history[-1])
             log.info(epoch_line(history[-1], train_cfg.epochs))
 
+        if not ranks.is_main:
+            return None
         report = write_outputs(t.model, model_cfg, manifest["class_names"], history, device, dtype)
         write_run_handoff(mlrun.run_id, mlrun.experiment_id)
         mlrun.log_artifacts(REPORT_PATH, CURVE_PATH, CURVE_PNG_PATH)
@@ -109,11 +127,16 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig | N
 
 
 def build_training(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: dict[str, Split], num_classes: int,
-                   device: torch.device) -> Training:
+                   ranks: distributed.Ranks) -> Training:
+    """Every process builds the same model (same seed) and loaders that yield its slices."""
+    ranks.per_process_batch(train_cfg.batch_size)  # fails unless the global batch splits evenly
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, num_classes=num_classes)
-    net = engine.prepare_model(model, device, channels_last=train_cfg.channels_last, compile=train_cfg.compile)
-    common = dict(device=device, mean=model_cfg.mean, std=model_cfg.std, channels_last=train_cfg.channels_last)
+    if train_cfg.sync_batchnorm:
+        model = distributed.sync_batchnorm(model, ranks)
+    net = engine.prepare_model(model, ranks.device, channels_last=train_cfg.channels_last, compile=train_cfg.compile)
+    common = dict(device=ranks.device, mean=model_cfg.mean, std=model_cfg.std, channels_last=train_cfg.channels_last,
+                  rank=ranks.rank, world_size=ranks.world_size)
     train_batches = DeviceLoader(splits["train"].images, splits["train"].labels, train_cfg.batch_size, augment=True,
                                  crop_padding=train_cfg.crop_padding, flip=train_cfg.flip, seed=train_cfg.seed, **common)
     test_batches = DeviceLoader(splits["test"].images, splits["test"].labels, EVAL_BATCH_SIZE, **common)
@@ -122,22 +145,23 @@ def build_training(model_cfg: ModelConfig, train_cfg: TrainConfig, splits: dict[
     scheduler = engine.make_scheduler(optimizer, schedule=train_cfg.schedule, epochs=train_cfg.epochs,
                                       steps_per_epoch=len(train_batches), lr=train_cfg.lr,
                                       step_size=train_cfg.step_size, gamma=train_cfg.gamma)
-    return Training(model, net, train_batches, test_batches, optimizer, scheduler)
+    return Training(model, net, ranks.wrap(net), train_batches, test_batches, optimizer, scheduler)
 
 
-def run_epoch(epoch: int, t: Training, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None) -> dict:
-    """Train one epoch (and evaluate when due); returns its row of the curve."""
+def run_epoch(epoch: int, t: Training, cfg: TrainConfig, ranks: distributed.Ranks, dtype: torch.dtype | None) -> dict:
+    """Train one epoch (and evaluate when due); returns its row of the curve, over all processes."""
+    device = ranks.device
     lr = t.optimizer.param_groups[0]["lr"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t.train_batches.set_epoch(epoch)
-    with progress_bar(epoch, cfg.epochs, len(t.train_batches)) as progress:
+    with progress_bar(epoch, cfg.epochs, len(t.train_batches), show=ranks.is_main) as progress:
         try:
-            stats = engine.train_epoch(
-                t.net, t.train_batches, t.optimizer, t.scheduler, device=device, dtype=dtype,
+            stats = ranks.combine(engine.train_epoch(
+                t.train_net, t.train_batches, t.optimizer, t.scheduler, device=device, dtype=dtype,
                 label_smoothing=cfg.label_smoothing, watched_stages=(t.model.stage(0), t.model.stage(-1)),
-                progress=progress,
-            )
+                progress=progress, average=ranks.average,
+            ))
         except engine.NonFiniteLoss as exc:
             raise PipelineError(
                 f"the loss became NaN or infinite in epoch {epoch}, step {exc.step}; lower train.lr (now {cfg.lr})"
@@ -148,7 +172,9 @@ def run_epoch(epoch: int, t: Training, cfg: TrainConfig, device: torch.device, d
            "grad_norm_first_stage": stats.grad_norm_first_stage, "grad_norm_last_stage": stats.grad_norm_last_stage}
     if should_evaluate(epoch, cfg):
         start = time.perf_counter()
-        row["test_loss"], row["test_accuracy"] = engine.evaluate(t.net, t.test_batches, device=device, dtype=dtype)
+        ranks.share_buffers(t.model)
+        row["test_loss"], row["test_accuracy"] = engine.evaluate(t.net, t.test_batches, device=device, dtype=dtype,
+                                                                 average=ranks.average)
         row["eval_seconds"] = time.perf_counter() - start
     return row
 
@@ -268,9 +294,9 @@ def write_curve_png(history: list[dict], path: Path) -> None:
 # --- progress and interrupts ------------------------------------------------------------------
 
 @contextlib.contextmanager
-def progress_bar(epoch: int, epochs: int, steps: int) -> Iterator[engine.Progress]:
+def progress_bar(epoch: int, epochs: int, steps: int, *, show: bool = True) -> Iterator[engine.Progress]:
     """A tqdm bar on a terminal (nothing otherwise: the epoch's log line says it all)."""
-    with tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", disable=None, leave=False,
+    with tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", disable=None if show else True, leave=False,
               dynamic_ncols=True) as bar:
         def update(done: int, total: int, loss: float, accuracy: float, images_per_s: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", img_s=f"{images_per_s:,.0f}", refresh=False)

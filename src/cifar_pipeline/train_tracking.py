@@ -81,6 +81,25 @@ def training_run(
     mlflow.end_run("FINISHED")
 
 
+class Untracked:
+    """What the processes other than rank 0 of a distributed training track: nothing."""
+    run_id = None
+
+    def logged_epochs(self) -> set[int]:
+        return set()
+
+    def log_epoch(self, row: dict) -> None:
+        pass
+
+    def log_artifacts(self, *paths: Path) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def untracked_run() -> Iterator[Untracked]:
+    yield Untracked()
+
+
 def flatten_params(params: dict[str, dict]) -> dict[str, object]:
     """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}; lists become their text."""
     return {f"{section}.{key}": value for section, values in params.items() for key, value in values.items()}
