@@ -9,7 +9,7 @@ task per stage with its output in the logs, the flow run id on the MLflow run, a
 
 from __future__ import annotations
 
-import pipeline.settings  # noqa: F401  (must precede the Prefect import)
+from pipeline import settings  # noqa: F401  (must precede the Prefect import)
 
 import argparse
 import json

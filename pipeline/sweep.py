@@ -10,7 +10,7 @@ the cached outputs are put back afterwards (`dvc exp show` still lists every var
 
 from __future__ import annotations
 
-import pipeline.settings  # noqa: F401  (must precede the Prefect import)
+from pipeline import settings  # noqa: F401  (must precede the Prefect import)
 
 import argparse
 import csv

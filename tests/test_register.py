@@ -8,7 +8,6 @@ import json
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
 from cifar_pipeline import dataset
 from cifar_pipeline.cli import main
@@ -17,16 +16,7 @@ from cifar_pipeline.errors import ConfigError
 from cifar_pipeline.export import file_digest
 from cifar_pipeline.onnx_session import create_session, predict
 from cifar_pipeline.register import decide
-
-
-def register(project, tmp_path, **settings) -> dict:
-    """Run `cifar-pipeline register` with register.* settings; returns reports/registry.json."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["register"].update(settings)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    assert main(["--params", str(path), "register"]) == 0
-    return json.loads((project / "reports/registry.json").read_text())
+from conftest import register_model as register
 
 
 def test_register_tags_the_version_and_sets_both_aliases(exported, tmp_path):
