@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 # This machine's pip config lists local package folders that do not all exist; hide that noise.
-PIP_QUIET := grep -v "^WARNING: Location 'file:" || true
+PIP_QUIET := { grep -v "^WARNING: Location 'file:" || true; }
 
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1

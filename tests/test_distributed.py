@@ -103,13 +103,20 @@ class PerProcessBatchNorm(nn.Module):
 
 def train_one_process(world_size: int) -> tuple[dict, float]:
     """One epoch in this process, as `world_size` processes with per-process BatchNorm would
-    train it: (the weights and buffers, the epoch's loss)."""
+    train it: (the weights and buffers, the epoch's loss). It computes with as many threads as
+    each of those processes (distributed.join): oneDNN's results depend on the thread count, by
+    up to 1e-3 in these weights after five steps."""
     model_cfg, train_cfg = load_section("model"), load_section("train")
     splits = {"train": load_split("train"), "test": load_split("test")}
     t = build_training(model_cfg, train_cfg, splits, len(load_manifest()["class_names"]), Ranks(torch.device("cpu")))
     t.train_batches.set_epoch(1)
-    stats = engine.train_epoch(PerProcessBatchNorm(t.net, world_size), t.train_batches, t.optimizer, t.scheduler,
-                               device=torch.device("cpu"), dtype=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
+    try:
+        stats = engine.train_epoch(PerProcessBatchNorm(t.net, world_size), t.train_batches, t.optimizer, t.scheduler,
+                                   device=torch.device("cpu"), dtype=None)
+    finally:
+        torch.set_num_threads(threads)
     return t.model.state_dict(), stats.loss
 
 

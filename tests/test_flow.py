@@ -60,6 +60,8 @@ def test_flow_runs_every_stage_then_skips_cached(quick_repo, prefect_harness):
     summary = Artifact.get("cifar10-pipeline-summary")
     assert summary is not None and run["run_id"] in summary.data
     assert "test accuracy" in summary.data
+    assert "| ONNX top-1 agreement | 100.00% |" in summary.data  # the figures were read, not left as "-"
+    assert "| aliases | challenger, champion |" in summary.data
 
     second = pipeline(root=str(quick_repo), download_retries=0)
     assert [r.stage for r in second] == [r.stage for r in first]
