@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ from torch import nn
 
 from cifar_pipeline import engine
 from cifar_pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -102,10 +105,6 @@ class Ranks:
         if self.distributed:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
 
 def sync_batchnorm(model: nn.Module, ranks: Ranks) -> nn.Module:
@@ -188,7 +187,7 @@ def launch(nproc: int, cli_args: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    # Set here, torchrun does not set 1 (with a warning); process_group sets the same again.
+    # Set first, so that torchrun does not set 1 with a warning; join() sets the same again.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     with tempfile.TemporaryDirectory(prefix="torchrun-") as logs:
         args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={logs}",
@@ -201,7 +200,7 @@ def launch(nproc: int, cli_args: list[str]) -> None:
             raise KeyboardInterrupt from None
 
 
-def first_error(exc, nproc: int) -> PipelineError:
+def first_error(exc: ChildFailedError, nproc: int) -> PipelineError:
     """The earliest error a process recorded (record_error); failing that, the first failure
     torchrun saw (a crash with a traceback, a signal)."""
     recorded = {rank: failure.error_file_data for rank, failure in exc.failures.items()
