@@ -11,7 +11,7 @@ PIP_QUIET := { grep -v "^WARNING: Location 'file:" || true; }
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run serve sweep test ui bench-train bench-inference clean postgres mlflow-server prefect-server
+.PHONY: install postgres-install run serve sweep test ui bench-train bench-inference clean postgres mlflow-server prefect-server
 
 install: $(STAMP)
 
@@ -31,7 +31,13 @@ serve: $(STAMP)  ## the flow as a Prefect deployment; CRON="0 3 * * *" adds a sc
 sweep: $(STAMP)  ## residual vs plain at three depths; ARGS="--epochs 3" etc.
 	$(BIN)/python -m pipeline.sweep $(ARGS)
 
-test: $(STAMP)  ## the full test suite, slow end-to-end tests included
+# The scale-out tests start a throwaway PostgreSQL cluster: Debian's package, installed when missing.
+postgres-install:
+	@compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+
+test: $(STAMP) postgres-install  ## the full test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest
 
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
