@@ -41,7 +41,8 @@ test: $(STAMP) postgres-install  ## the full test suite, slow end-to-end tests i
 	$(BIN)/python -m pytest
 
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --host 127.0.0.1 --port 5000 --workers 1  # one process group that Ctrl-C stops whole
 
 # Shared servers (pipeline/servers.py); each binds to 127.0.0.1 unless HOST is given.
 postgres: $(STAMP)  ## a development PostgreSQL for mlflow-server in .servers/postgres, port PGPORT (5432); STOP=1 stops it
