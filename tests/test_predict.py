@@ -266,7 +266,7 @@ def test_a_provider_that_cannot_work_here_is_refused(tmp_path, onnx_model, capsy
     from cifar_pipeline.onnx_session import usable_providers
 
     if "CUDAExecutionProvider" in usable_providers():
-        pytest.skip("CUDA works here")
+        pytest.skip("the CUDA provider works on this GPU host, so it cannot be refused")
     np.save(tmp_path / "x.npy", make_images(1, seed=0)[0])
     assert predict("--model", onnx_model, "--input", tmp_path / "x.npy", "--output", tmp_path / "p.csv", "--providers", "cuda") == 2
     assert "CUDAExecutionProvider" in capsys.readouterr().err
