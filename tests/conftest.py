@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -139,8 +138,9 @@ def exported(exported_project, monkeypatch) -> Path:
 
 def run_dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The real `dvc` CLI, with this venv's `cifar-pipeline` first on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    out = subprocess.run([Path(sys.executable).parent / "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    from pipeline.dvc_stages import dvc_command, dvc_env
+
+    out = subprocess.run(dvc_command(*args), cwd=cwd, env=dvc_env(), capture_output=True, text=True)
     if check and out.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
