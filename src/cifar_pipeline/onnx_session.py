@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -96,13 +98,29 @@ def create_session(path: str | Path, providers: Sequence[str] | None = None, thr
     return session
 
 
-def predict(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3], in batches."""
+def default_workers() -> int:
+    """One per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def predict(session, images: np.ndarray, batch_size: int = 256, workers: int = 1) -> np.ndarray:
+    """Class probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3], in batches.
+
+    workers > 1 runs that many batches side by side (give such a session threads=1, one core per
+    batch); workers=1 runs one batch at a time on all of the session's threads.
+    """
     check_images(images)
     if len(images) == 0:
         raise PipelineError("no images to predict; give at least one")
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + batch_size]})[0] for i in range(0, len(images), batch_size)]
-    return np.concatenate(out)
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    if workers == 1 or len(batches) == 1:
+        return np.concatenate([run(b) for b in batches])
+    with ThreadPoolExecutor(workers, thread_name_prefix="onnxruntime-batch") as pool:
+        return np.concatenate(list(pool.map(run, batches)))
 
 
 def check_images(images: np.ndarray) -> None:

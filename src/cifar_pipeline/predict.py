@@ -22,7 +22,6 @@ import csv
 import functools
 import json
 import logging
-import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +36,8 @@ from cifar_pipeline import model_source
 from cifar_pipeline.atomic import atomic_file
 from cifar_pipeline.errors import ConfigError, PipelineError
 from cifar_pipeline.inputs import UnreadableInput, check_input, is_array_file, iter_files, load_image, open_array
-from cifar_pipeline.onnx_session import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, check_images, create_session
+from cifar_pipeline.onnx_session import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, check_images, create_session, default_workers
+from cifar_pipeline.onnx_session import predict as predict_batches
 from cifar_pipeline.prediction_writers import writer_for
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 256
 PREFETCH_BATCHES = 2  # queued beyond the ones the workers are busy with
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
-
-
-def default_workers() -> int:
-    """One per core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -135,10 +130,7 @@ class Predictor:
         check_images(images)
         if len(images) == 0:
             return np.empty((0, len(self.class_names)), np.float32)
-        if len(images) <= batch_size:
-            return self._run(images)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="predict") as pool:
-            return np.concatenate(list(pool.map(self._run, (images[i:i + batch_size] for i in range(0, len(images), batch_size)))))
+        return predict_batches(self.session, images, batch_size, self.workers)
 
     def iter_batches(self, input: str | Path, batch_size: int = BATCH_SIZE, strict: bool = False) -> Iterator[BatchResult]:
         """Predictions for every file under `input` (a folder, searched recursively, or one file), a
