@@ -172,8 +172,9 @@ def images_per_second(runners: dict[str, Callable[[np.ndarray], object]], images
 def onnx_runners(name: str, path: Path, batch_size: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """The two ways a CPU serves many batches, as images_per_second runners: one batch at a time
     with each operator split across the cores (onnxruntime's default), and one batch per core side
-    by side on one thread each (predict's default). Which is faster depends on the model: on this
-    project's 2-core machine the int8 model gains about 14% side by side, the fp32 model loses 6%."""
+    by side on one thread each (predict's default). Which is faster depends on the model and on the
+    machine's moment (on this project's 2 cores, either way by up to 15% for the int8 model), so
+    each model is measured both ways and judged by its faster one."""
     op_parallel = create_session(path, providers=[CPU])
     batch_parallel = create_session(path, providers=[CPU], threads=1)
     workers = default_workers()
