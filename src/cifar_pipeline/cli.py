@@ -80,7 +80,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", metavar="LIST", help="auto (default: CUDA where it really works, else CPU), cpu, cuda, "
                         "or onnxruntime provider names, comma-separated")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="batches decoded and run at once, each in its own thread (default: one per core)")
+                        help="batches decoded and run at once, each in its own thread (default: one per core, plus one)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="onnxruntime threads per batch (default: 1; the workers use the cores)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file (exit 1, no output written)")
