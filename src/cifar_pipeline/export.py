@@ -25,6 +25,7 @@ from cifar_pipeline import checkpoint, dataset
 from cifar_pipeline.atomic import atomic_file, write_json
 from cifar_pipeline.config import ExportConfig, ModelConfig
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.model import input_normalization
 from cifar_pipeline.onnx_session import (CPU, IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, create_session, default_workers, predict,
                                          usable_providers)
 
@@ -48,15 +49,14 @@ class ServingModel(nn.Module):
     def __init__(self, model: nn.Module, mean: tuple[float, float, float], std: tuple[float, float, float]):
         super().__init__()
         self.model = model
-        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
-        # (x / 255 - mean) / std folded into one multiply and one subtract, with the constants
-        # spelled out over the whole image: the int8 model's convolutions run channels-last, so
-        # onnxruntime moves this arithmetic after the NHWC->NCHW transpose is cancelled, where a
-        # per-channel [1,1,1,3] constant broadcasts three floats at a time (measured: 14% of the
-        # int8 model's time at batch 256). A [1,3,H,W] constant broadcasts over the batch only.
+        # The normalization's constants spelled out over the whole image: the int8 model's
+        # convolutions run channels-last, so onnxruntime moves this arithmetic after the
+        # NHWC->NCHW transpose is cancelled, where a per-channel [1,1,1,3] constant broadcasts three
+        # floats at a time (measured: 14% of the int8 model's time at batch 256). A [1,3,H,W]
+        # constant broadcasts over the batch only.
         height, width, _ = IMAGE_SHAPE
-        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, 3, 1, 1).expand(1, 3, height, width).clone())
-        self.register_buffer("shift", (mean_t / std_t).view(1, 3, 1, 1).expand(1, 3, height, width).clone())
+        for name, constant in zip(("scale", "shift"), input_normalization(mean, std)):
+            self.register_buffer(name, constant.expand(1, 3, height, width).clone())
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift

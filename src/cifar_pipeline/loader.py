@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifar_pipeline.model import input_normalization
+
 SIZE = 32
 
 
@@ -60,10 +62,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        # (x / 255 - mean) / std as one multiply-add
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device)
-        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=self.device) / std_t).view(1, 3, 1, 1)
+        self.scale, self.shift = (t.to(self.device) for t in input_normalization(mean, std))
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)  # the last, smaller batch included, as the seed's DataLoader
@@ -91,7 +90,7 @@ class DeviceLoader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> float32 NCHW. The permuted view of an NHWC tensor already has the
         channels_last memory layout, so channels_last costs no copy."""
-        x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift
+        x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift
         return x if self.channels_last else x.contiguous()
 
 

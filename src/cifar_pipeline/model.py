@@ -86,3 +86,12 @@ def build_model(cfg, num_classes: int = 10) -> SimpleResNet:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def input_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each float32 [1, 3, 1, 1], such that x * scale - shift == (x / 255 - mean) / std
+    for pixel values x: the model's input normalization as one multiply and one subtract."""
+    std_t = torch.tensor(std, dtype=torch.float32)
+    scale = 1.0 / (255.0 * std_t)
+    shift = torch.tensor(mean, dtype=torch.float32) / std_t
+    return scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1)
