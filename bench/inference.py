@@ -6,7 +6,7 @@ One model, one machine, one run:
   eager       the serving module (uint8 in, preprocessing, network, softmax) in PyTorch, fp32
   ort fp32    the same module exported by export_onnx, in onnxruntime on the CPU
   ort int8    that model statically quantized by the export stage's quantize_int8
-each ort model run two ways (export.onnx_runners): one batch at a time with every operator split
+each ort model run two ways (throughput.onnx_runners): one batch at a time with every operator split
 across the cores (onnxruntime's default), and one batch per core side by side on one thread each
 (predict's default); the ratios take each model's faster way.
 each at batch 1 and batch 256 on decoded images (runners take turns; each reports its best pass),
@@ -36,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from cifar_pipeline import checkpoint, export  # noqa: E402
+from cifar_pipeline import checkpoint, export, throughput  # noqa: E402
 from cifar_pipeline.config import parse_section  # noqa: E402
 from cifar_pipeline.inputs import iter_files, load_image  # noqa: E402
 from cifar_pipeline.model import build_model  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         tmp = Path(tmp)
         folder = jpeg_folder(args.images, tmp)
-        images = sample_images(folder, export.BENCH_IMAGES)
+        images = sample_images(folder, throughput.BENCH_IMAGES)
         model, cfg, names, described = load_bench_model(args.checkpoint)
         fp32_path, int8_path = tmp / "model.onnx", tmp / "model.int8.onnx"
         export.export_onnx(model, cfg, names, fp32_path)
@@ -133,9 +133,9 @@ def main() -> None:
         rates = {}
         for batch, sample in ((1, images[:BATCH_1_IMAGES]), (256, images)):
             runners = {"eager": lambda b: export.torch_probabilities(serving, b, batch)}
-            runners |= export.onnx_runners("fp32", fp32_path, batch) | export.onnx_runners("int8", int8_path, batch)
+            runners |= throughput.onnx_runners("fp32", fp32_path, batch) | throughput.onnx_runners("int8", int8_path, batch)
             with torch.inference_mode():
-                for name, rate in export.images_per_second(runners, sample).items():
+                for name, rate in throughput.images_per_second(runners, sample).items():
                     rates[name, batch] = rate
         fp32, int8 = create_session(fp32_path, [CPU]), create_session(int8_path, [CPU])
         agreement = (ort_predict(int8, images).argmax(1) == ort_predict(fp32, images).argmax(1)).mean()

@@ -12,10 +12,9 @@ import copy
 import hashlib
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,8 +25,8 @@ from cifar_pipeline.atomic import atomic_file, write_json
 from cifar_pipeline.config import ExportConfig, ModelConfig
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.model import input_normalization
-from cifar_pipeline.onnx_session import (CPU, IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, create_session, default_workers, predict,
-                                         usable_providers)
+from cifar_pipeline.onnx_session import CPU, IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, create_session, predict, usable_providers
+from cifar_pipeline.throughput import images_per_second, onnx_runners, throughput_report
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +34,6 @@ ONNX_PATH = Path("models/model.onnx")
 INT8_PATH = Path("models/model.int8.onnx")
 EXPORT_JSON = Path("reports/export.json")
 LOGGED_MODEL_NAME = "onnx_model"
-BENCH_IMAGES = 2048    # per timed pass
-BENCH_MIN_ROUNDS = 3
-BENCH_SECONDS = 1.0    # all runners together, at least
 # int8 where it pays (measured); Softmax stays fp32 so probabilities keep their precision
 QUANTIZED_OPS = ["Conv", "Relu", "Add", "Gemm", "MatMul"]  # not Softmax, nor the input normalization
 INPUT_FORMAT = "uint8 [batch, 32, 32, 3], RGB, NHWC, 0-255"
@@ -145,51 +141,6 @@ def check_parity_gates(parity: dict, cfg: ExportConfig) -> None:
             f"ONNX parity gate failed: max probability difference from PyTorch is {parity['max_prob_diff']:.3g}, "
             f"above export.max_prob_diff {cfg.max_prob_diff:.3g}; check the export (opset) before raising the gate"
         )
-
-
-def images_per_second(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray) -> dict[str, float]:
-    """Throughput of each runner (a function that predicts a whole array, in its own batches) over
-    passes of BENCH_IMAGES images.
-
-    The runners take turns, pass after pass, and each reports its fastest pass: on a shared
-    machine the best pass is the one least disturbed by other work, and taking turns exposes
-    every runner to the same disturbances.
-    """
-    sample = images[:BENCH_IMAGES]
-    best = dict.fromkeys(runners, 0.0)
-    for infer in runners.values():
-        infer(sample[:1])  # warm-up: allocations, thread pools, caches
-    start, rounds = time.perf_counter(), 0
-    while rounds < BENCH_MIN_ROUNDS or time.perf_counter() - start < BENCH_SECONDS:
-        for name, infer in runners.items():
-            t = time.perf_counter()
-            infer(sample)
-            best[name] = max(best[name], len(sample) / (time.perf_counter() - t))
-        rounds += 1
-    return {name: round(rate, 1) for name, rate in best.items()}
-
-
-def onnx_runners(name: str, path: Path, batch_size: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """The two ways a CPU serves many batches, as images_per_second runners: one batch at a time
-    with each operator split across the cores (onnxruntime's default), and one batch per core side
-    by side on one thread each (predict's default). Which is faster depends on the model and on the
-    machine's moment (on this project's 2 cores, either way by up to 15% for the int8 model), so
-    each model is measured both ways and judged by its faster one."""
-    op_parallel = create_session(path, providers=[CPU])
-    batch_parallel = create_session(path, providers=[CPU], threads=1)
-    workers = default_workers()
-    return {
-        f"{name}_op_parallel": lambda images: predict(op_parallel, images, batch_size),
-        f"{name}_batch_parallel": lambda images: predict(batch_parallel, images, batch_size, workers),
-    }
-
-
-def throughput_report(rates: dict[str, float], models: list[str]) -> dict[str, float]:
-    """images/s per runner, and each model's best way as `<model>_images_per_s`."""
-    report = {f"{runner}_images_per_s": rate for runner, rate in rates.items()}
-    for model in models:
-        report[f"{model}_images_per_s"] = max(rate for runner, rate in rates.items() if runner.startswith(f"{model}_"))
-    return report
 
 
 # --- int8 -------------------------------------------------------------------------------------
