@@ -113,14 +113,15 @@ def predict(session, images: np.ndarray, batch_size: int = 256, workers: int = 1
     if len(images) == 0:
         raise PipelineError("no images to predict; give at least one")
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-
     if workers == 1 or len(batches) == 1:
-        return np.concatenate([run(b) for b in batches])
+        return np.concatenate([run_batch(session, b) for b in batches])
     with ThreadPoolExecutor(workers, thread_name_prefix="onnxruntime-batch") as pool:
-        return np.concatenate(list(pool.map(run, batches)))
+        return np.concatenate(list(pool.map(functools.partial(run_batch, session), batches)))
+
+
+def run_batch(session, images: np.ndarray) -> np.ndarray:
+    """One onnxruntime call: the probabilities of one batch, unchecked."""
+    return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
 def check_images(images: np.ndarray) -> None:

@@ -36,7 +36,7 @@ from cifar_pipeline import model_source
 from cifar_pipeline.atomic import atomic_file
 from cifar_pipeline.errors import ConfigError, PipelineError
 from cifar_pipeline.inputs import UnreadableInput, check_input, is_array_file, iter_files, load_image, open_array
-from cifar_pipeline.onnx_session import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, check_images, create_session, default_workers
+from cifar_pipeline.onnx_session import IMAGE_SHAPE, check_images, create_session, default_workers, run_batch
 from cifar_pipeline.onnx_session import predict as predict_batches
 from cifar_pipeline.prediction_writers import writer_for
 
@@ -158,11 +158,8 @@ class Predictor:
         if failed:
             keep = [i for i in range(len(paths)) if i not in failed]
             images, paths, indices = images[keep], [paths[i] for i in keep], [indices[i] for i in keep]
-        probabilities = self._run(images) if len(images) else np.empty((0, len(self.class_names)), np.float32)
+        probabilities = run_batch(self.session, images) if len(images) else np.empty((0, len(self.class_names)), np.float32)
         return BatchResult(paths, indices, probabilities, failures)
-
-    def _run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
 def _checked(batch: BatchResult, strict: bool) -> BatchResult:
