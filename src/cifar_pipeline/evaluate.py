@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from cifar_pipeline import checkpoint, dataset
-from cifar_pipeline.atomic import atomic_file, write_json, write_text
+from cifar_pipeline.atomic import write_json, write_text
 from cifar_pipeline.config import EvaluateConfig
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.figures import pyplot, save_png
 from cifar_pipeline.export import ServingModel, serving_model
 
 log = logging.getLogger(__name__)
@@ -101,24 +102,8 @@ def most_confidently_wrong(preds: Predictions, count: int) -> np.ndarray:
 
 # --- pictures ---------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, dest: Path) -> None:
-    plt = _pyplot()
-    with atomic_file(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_confusion(counts: np.ndarray, class_names: list[str], accuracy: float, dest: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -133,16 +118,16 @@ def plot_confusion(counts: np.ndarray, class_names: list[str], accuracy: float, 
             ax.text(col, row, str(n), ha="center", va="center", fontsize=7,
                     color="white" if rates[row, col] > 0.5 else "black")
     ax.set_title(f"Test confusion matrix ({counts.sum()} images, accuracy {accuracy:.2%})")
-    _save_figure(fig, dest)
+    save_png(fig, dest, bbox_inches="tight")
 
 
 def plot_wrong(images: np.ndarray, preds: Predictions, index: np.ndarray, class_names: list[str], dest: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     if len(index) == 0:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, "no wrong predictions to show", ha="center", va="center")
-        _save_figure(fig, dest)
+        save_png(fig, dest, bbox_inches="tight")
         return
     cols = min(len(index), 6)
     rows = math.ceil(len(index) / cols)
@@ -156,7 +141,7 @@ def plot_wrong(images: np.ndarray, preds: Predictions, index: np.ndarray, class_
             fontsize=8, color="firebrick",
         )
     fig.suptitle("Most confidently wrong test images")
-    _save_figure(fig, dest)
+    save_png(fig, dest, bbox_inches="tight")
 
 
 # --- the stage --------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from cifar_pipeline.checkpoint import MODEL_PATH, save_model
 from cifar_pipeline.config import DataConfig, ModelConfig, TrainConfig
 from cifar_pipeline.dataset import PREPARED_DIR, Split, load_manifest, load_split
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.figures import pyplot, save_png
 from cifar_pipeline.loader import DeviceLoader
 from cifar_pipeline.model import build_model, count_parameters
 from cifar_pipeline.tracking import git_state, write_run_handoff
@@ -268,11 +269,7 @@ def curve_csv(history: list[dict]) -> str:
 
 def write_curve_png(history: list[dict], path: Path) -> None:
     """Loss and accuracy against epoch, viewable without a browser or the internet."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     evaluated = [r for r in history if r["test_accuracy"] is not None]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -286,9 +283,7 @@ def write_curve_png(history: list[dict], path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # --- progress and interrupts ------------------------------------------------------------------
