@@ -14,7 +14,6 @@ from pipeline import settings  # noqa: F401  (must precede the Prefect import)
 
 import argparse
 import csv
-import io
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from cifar_pipeline.atomic import write_text
+from cifar_pipeline.atomic import write_csv
 from pipeline.dvc_stages import StageFailed, last_error_line, run_dvc_streaming
 
 SWEEP_CSV = Path("reports/sweep.csv")
@@ -73,14 +72,6 @@ def run_variant(residual: bool, blocks: list[int], extra: list[str], target: str
     return read_result(Path(root), residual, blocks)
 
 
-def to_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 @flow(name="cifar10-sweep")
 def sweep(
     residual: list[bool] = (True, False),
@@ -104,7 +95,7 @@ def sweep(
             (root_path / name).write_bytes(content)
         if "dvc.lock" in saved:
             run_dvc_streaming(["checkout", "--force", "--quiet"], root_path, get_run_logger().info)
-    write_text(root_path / SWEEP_CSV, to_csv(rows))
+    write_csv(root_path / SWEEP_CSV, rows, COLUMNS)
     create_table_artifact(key="cifar10-sweep", table=rows, description="residual vs plain, by depth")
     return rows
 
@@ -124,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="train", help="the DVC stage each experiment runs up to")
     args = parser.parse_args(argv)
     try:
-        rows = sweep([r == "true" for r in args.residual], args.blocks, args.epochs, args.set_params, args.target, str(Path.cwd()))
+        sweep([r == "true" for r in args.residual], args.blocks, args.epochs, args.set_params, args.target, str(Path.cwd()))
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(to_csv(rows), end="")
+    print(SWEEP_CSV.read_text(), end="")  # sweep() wrote it, one line per variant
     return 0
 
 

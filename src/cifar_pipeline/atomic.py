@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 
 def _umask() -> int:
@@ -62,3 +63,11 @@ def write_json(dest: str | os.PathLike, payload: Any) -> None:
 def write_text(dest: str | os.PathLike, text: str) -> None:
     with atomic_file(dest) as tmp:
         tmp.write_text(text)
+
+
+def write_csv(dest: str | os.PathLike, rows: Iterable[dict], columns: Sequence[str]) -> None:
+    """A header, then one line per row with `columns` in order (None written empty, other keys left out)."""
+    with atomic_file(dest) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

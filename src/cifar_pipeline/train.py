@@ -17,8 +17,6 @@ rank 0 alone tracks the run in MLflow and writes the checkpoint and the outputs.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import signal
 import threading
@@ -32,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_pipeline import distributed, engine
-from cifar_pipeline.atomic import atomic_file, write_json, write_text
+from cifar_pipeline.atomic import atomic_file, write_csv, write_json
 from cifar_pipeline.checkpoint import MODEL_PATH, save_model
 from cifar_pipeline.config import DataConfig, ModelConfig, TrainConfig
 from cifar_pipeline.dataset import PREPARED_DIR, Split, load_manifest, load_split
@@ -236,7 +234,7 @@ def restore_checkpoint(checkpoint: dict, t: Training, device: torch.device) -> N
 def write_outputs(model, model_cfg: ModelConfig, class_names: list[str], history: list[dict],
                   device: torch.device, dtype: torch.dtype | None) -> dict:
     save_model(MODEL_PATH, model, model_cfg, class_names)
-    write_text(CURVE_PATH, curve_csv(history))
+    write_csv(CURVE_PATH, history, CURVE_COLUMNS)
     write_curve_png(history, CURVE_PNG_PATH)
     last = history[-1]
     train_seconds = sum(r["epoch_seconds"] for r in history)
@@ -256,15 +254,6 @@ def write_outputs(model, model_cfg: ModelConfig, class_names: list[str], history
     }
     write_json(REPORT_PATH, report)
     return report
-
-
-def curve_csv(history: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CURVE_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in CURVE_COLUMNS})
-    return out.getvalue()
 
 
 def write_curve_png(history: list[dict], path: Path) -> None:
