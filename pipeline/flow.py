@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from cifar_pipeline.tracking import RUN_FILE, read_run_handoff
 from pipeline.dvc_stages import StageFailed, StageResult, repro_stage, stage_order
 
 DOWNLOAD_STAGE = "download"
@@ -36,12 +37,12 @@ def run_stage(stage: str, root: str) -> StageResult:
 
 def tag_mlflow_run(root: Path, flow_run_id: str) -> str | None:
     """Put the Prefect flow run id on the training's MLflow run (models/run.json)."""
-    handoff = root / "models" / "run.json"
+    handoff = root / RUN_FILE
     if not handoff.exists():
         return None
     from mlflow import MlflowClient
 
-    run = json.loads(handoff.read_text())
+    run = read_run_handoff(handoff)
     MlflowClient(tracking_uri=run["tracking_uri"]).set_tag(run["run_id"], "prefect.flow_run_id", flow_run_id)
     return run["run_id"]
 

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from cifar_pipeline.atomic import write_csv
+from cifar_pipeline.tracking import RUN_FILE, read_run_handoff
 from pipeline.dvc_stages import StageFailed, last_error_line, run_dvc_streaming
 
 SWEEP_CSV = Path("reports/sweep.csv")
@@ -40,7 +41,7 @@ def read_result(root: Path, residual: bool, blocks: list[int]) -> dict:
     report = json.loads((root / "reports/train.json").read_text())
     with open(root / "reports/train_curve.csv") as f:
         curve = list(csv.DictReader(f))
-    run = json.loads((root / "models/run.json").read_text())
+    run = read_run_handoff(root / RUN_FILE)
 
     def mean(column: str) -> float:
         values = [float(r[column]) for r in curve if r[column]]

@@ -59,6 +59,11 @@ def write_params(project: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def training_run_id(project: Path) -> str:
+    """The MLflow run id the train stage handed on in `project`'s models/run.json."""
+    return json.loads((project / "models/run.json").read_text())["run_id"]
+
+
 def init_project(root: Path, monkeypatch, tiny_archive, http_server) -> Path:
     """Make `root` a project (params.yaml downloading the tiny archive from the local HTTP server,
     with fast retries; its own MLflow store) and the cwd."""

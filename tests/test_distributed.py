@@ -24,7 +24,7 @@ from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.loader import DeviceLoader, rank_slice
 from cifar_pipeline.tracking import tracking_uri
 from cifar_pipeline.train import build_training
-from conftest import write_params
+from conftest import training_run_id, write_params
 
 # 300 training images: 5 steps of 60, 30 per process. fp32, so that two processes and one agree.
 TWO_PROCESS_TRAINING = {"epochs": 1, "batch_size": 60, "lr": 0.01, "precision": "fp32", "eval_every": 1}
@@ -132,7 +132,7 @@ def test_two_processes_log_one_run_and_train_the_weights_one_process_would(prepa
 
     [run] = runs_in()
     assert run.info.status == "FINISHED" and run.data.tags["processes"] == "2"
-    assert json.loads((project / "models/run.json").read_text())["run_id"] == run.info.run_id
+    assert training_run_id(project) == run.info.run_id
     assert [m.step for m in MlflowClient(tracking_uri()).get_metric_history(run.info.run_id, "train_loss")] == [1]
     report = json.loads((project / "reports/train.json").read_text())
     assert report["epochs"] == 1 and report["images_per_s"] > 0 and report["test_accuracy"] is not None

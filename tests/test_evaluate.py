@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cifar_fixture import CLASSES
+from conftest import training_run_id
 from cifar_pipeline import checkpoint, dataset, evaluate
 from cifar_pipeline.cli import main
 from cifar_pipeline.export import serving_model
@@ -42,7 +43,7 @@ def test_evaluate_writes_figures_confusion_and_pictures(exported):
 def test_evaluate_appends_to_the_training_run(exported):
     import mlflow
 
-    run_id = json.loads((exported / "models/run.json").read_text())["run_id"]
+    run_id = training_run_id(exported)
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     report = json.loads((exported / "reports/eval.json").read_text())

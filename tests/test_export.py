@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from cifar_fixture import CLASSES
+from conftest import training_run_id
 from cifar_pipeline import checkpoint, dataset
 from cifar_pipeline.cli import main
 from cifar_pipeline.errors import PipelineError
@@ -114,7 +115,7 @@ def test_onnx_model_is_logged_to_the_training_run(exported):
     import mlflow
 
     report = export_report(exported)
-    assert report["mlflow"]["run_id"] == json.loads((exported / "models/run.json").read_text())["run_id"]
+    assert report["mlflow"]["run_id"] == training_run_id(exported)
     assert report["onnx_sha256"] == file_digest(exported / "models/model.onnx")
     uri = report["mlflow"]["model_uri"]
     info = mlflow.models.get_model_info(uri)

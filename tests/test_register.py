@@ -17,6 +17,7 @@ from cifar_pipeline.export import file_digest
 from cifar_pipeline.onnx_session import create_session, predict
 from cifar_pipeline.register import decide
 from conftest import register_model as register
+from conftest import training_run_id
 
 
 def test_register_tags_the_version_and_sets_both_aliases(exported, tmp_path):
@@ -27,7 +28,7 @@ def test_register_tags_the_version_and_sets_both_aliases(exported, tmp_path):
     assert report["champion_version"] == "1" and "no champion yet" in report["reason"]
 
     version = mlflow.MlflowClient().get_model_version("cifar10-resnet", "1")
-    assert version.tags["run_id"] == json.loads((exported / "models/run.json").read_text())["run_id"]
+    assert version.tags["run_id"] == training_run_id(exported)
     assert version.tags["data_digest"] == dataset.load_manifest()["digest"]
     assert version.tags["model_digest"] == file_digest(exported / "models/model.onnx")
     assert float(version.tags["accuracy"]) == exported_report["onnx_accuracy"]

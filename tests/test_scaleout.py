@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cifar_pipeline.errors import PipelineError
-from conftest import REPO, TINY_TRAINING, run_dvc, write_params
+from conftest import REPO, TINY_TRAINING, run_dvc, training_run_id, write_params
 from pipeline.servers import (
     Postgres, free_port, group_members, postgres_bin, start_mlflow_server, start_prefect_server, stop_group,
 )
@@ -99,7 +99,7 @@ def test_train_to_register_against_an_mlflow_server_on_postgres(prepared, postgr
         assert main([stage]) == 0, stage
 
     registry = json.loads((project / "reports/registry.json").read_text())
-    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    run_id = training_run_id(project)
     query = urllib.parse.urlencode({"name": "scaleout-test", "alias": "champion"})
     champion = get_json(f"{url}/api/2.0/mlflow/registered-models/alias?{query}")["model_version"]
     assert (champion["version"], champion["run_id"]) == (registry["version"], run_id) == ("1", run_id)

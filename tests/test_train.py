@@ -19,7 +19,7 @@ from cifar_pipeline.checkpoint import load_model
 from cifar_pipeline.cli import main
 from cifar_pipeline.loader import DeviceLoader
 from cifar_pipeline.tracking import tracking_uri
-from conftest import TINY_TRAINING, write_params
+from conftest import TINY_TRAINING, training_run_id, write_params
 
 # Enough to test the mechanics of resuming, at a quarter of the default model's compute.
 SMALL_MODEL = {"blocks_per_stage": [1, 1, 1], "widths": [8, 16, 32]}
@@ -36,7 +36,7 @@ def client() -> MlflowClient:
 
 
 def run_of(project):
-    return client().get_run(json.loads((project / "models/run.json").read_text())["run_id"])
+    return client().get_run(training_run_id(project))
 
 
 def logged_steps(run_id: str, metric: str) -> list[int]:
