@@ -14,21 +14,15 @@ from pathlib import Path
 from cifar_pipeline.errors import PipelineError
 
 
-def _download(args: argparse.Namespace) -> None:
-    from cifar_pipeline import download
-    from cifar_pipeline.config import load_section
-
-    download.run(load_section("data", args.params))
-
-
-def _stage(name: str):
-    """The handler of a stage whose module `name` has run(config of params section `name`)."""
+def _stage(module: str, section: str | None = None):
+    """The handler of a stage whose module has run(config of params section `section`, by default
+    the module's own name)."""
     def handler(args: argparse.Namespace) -> None:
         import importlib
 
         from cifar_pipeline.config import load_section
 
-        importlib.import_module(f"cifar_pipeline.{name}").run(load_section(name, args.params))
+        importlib.import_module(f"cifar_pipeline.{module}").run(load_section(section or module, args.params))
 
     return handler
 
@@ -88,7 +82,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 # name: (handler, help[, function adding the subcommand's own arguments])
 COMMANDS = {
-    "download": (_download, "fetch CIFAR-10, verify it and write data/prepared/"),
+    "download": (_stage("download", section="data"), "fetch CIFAR-10, verify it and write data/prepared/"),
     "train": (_train, "train the ResNet on data/prepared; write models/model.pt and the MLflow run", _train_arguments),
     "evaluate": (_stage("evaluate"), "test-set accuracy, loss, confusion matrix and wrong examples of models/model.pt"),
     "export": (_stage("export"), "write models/model.onnx (+ int8), check it against PyTorch, log it to MLflow"),
