@@ -19,9 +19,8 @@ import pytest
 
 from cifar_pipeline.errors import PipelineError
 from conftest import REPO, TINY_TRAINING, run_dvc, training_run_id, write_params
-from pipeline.servers import (
-    Postgres, free_port, group_members, postgres_bin, start_mlflow_server, start_prefect_server, stop_group,
-)
+from pipeline.process_groups import free_port, group_members, stop_group
+from pipeline.servers import Postgres, postgres_bin, start_mlflow_server, start_prefect_server
 
 pytestmark = pytest.mark.slow
 

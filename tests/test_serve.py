@@ -16,7 +16,7 @@ import pytest
 
 from cifar_fixture import make_images
 from conftest import register_model
-from pipeline.servers import free_port, group_members, start_group, stop_group, wait_for_http
+from pipeline.process_groups import free_port, group_members, start_group, stop_group, wait_for_http
 
 MODEL_NAME = "serve-test"  # a name of its own in the shared project's registry
 MODEL_URI = f"models:/{MODEL_NAME}@champion"
