@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_pipeline import distributed, engine
-from cifar_pipeline.atomic import atomic_file, write_csv, write_json
+from cifar_pipeline.atomic import write_csv, write_json
 from cifar_pipeline.checkpoint import MODEL_PATH, save_model
 from cifar_pipeline.config import DataConfig, ModelConfig, TrainConfig
 from cifar_pipeline.dataset import PREPARED_DIR, Split, load_manifest, load_split
@@ -38,11 +38,11 @@ from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.figures import pyplot, save_png
 from cifar_pipeline.loader import DeviceLoader
 from cifar_pipeline.model import build_model, count_parameters
+from cifar_pipeline.training_checkpoint import CHECKPOINT_PATH, load_checkpoint, restore_checkpoint, save_checkpoint
 from cifar_pipeline.tracking import git_state, write_run_handoff
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATH = Path("models/checkpoint.pt")
 REPORT_PATH = Path("reports/train.json")
 CURVE_PATH = Path("reports/train_curve.csv")
 CURVE_PNG_PATH = Path("reports/train_curve.png")
@@ -87,7 +87,7 @@ def train(ranks: distributed.Ranks, model_cfg: ModelConfig, train_cfg: TrainConf
     t = build_training(model_cfg, train_cfg, splits, len(manifest["class_names"]), ranks)
     history: list[dict] = []
     if checkpoint is not None:
-        restore_checkpoint(checkpoint, t, device)
+        restore_checkpoint(checkpoint, t.model, t.optimizer, t.scheduler, device)
         history = checkpoint["history"]
         log.info("resuming after epoch %d of %d", checkpoint["epoch"], train_cfg.epochs)
     log.info("training on %s (%s, %s), %s parameters, %d epochs of %d steps%s",
@@ -113,7 +113,7 @@ def train(ranks: distributed.Ranks, model_cfg: ModelConfig, train_cfg: TrainConf
         for epoch in range(len(history) + 1, train_cfg.epochs + 1):
             history.append(run_epoch(epoch, t, train_cfg, ranks, dtype))
             if ranks.is_main:
-                save_checkpoint(CHECKPOINT_PATH, epoch, t, history, config, mlrun.run_id)
+                save_checkpoint(CHECKPOINT_PATH, epoch, t.model, t.optimizer, t.scheduler, history, config, mlrun.run_id)
             mlrun.log_epoch(history[-1])
             log.info(epoch_line(history[-1], train_cfg.epochs))
 
@@ -181,52 +181,6 @@ def run_epoch(epoch: int, t: Training, cfg: TrainConfig, ranks: distributed.Rank
 def should_evaluate(epoch: int, cfg: TrainConfig) -> bool:
     """Every `eval_every` epochs, and always after the last one."""
     return epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, epoch: int, t: Training, history: list[dict], config: dict, run_id: str) -> None:
-    payload = {
-        "epoch": epoch,
-        "model": t.model.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "history": history,
-        "config": config,
-        "run_id": run_id,
-    }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(config: dict, path: Path = CHECKPOINT_PATH) -> dict:
-    """The checkpoint to resume from; it must have been written with the same model and train params."""
-    if not path.exists():
-        raise PipelineError(f"{path} not found: nothing to resume; run `cifar-pipeline train` without --resume")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipelineError(f"{path} is unreadable ({type(exc).__name__}); delete it and train without --resume") from None
-    for section in ("model", "train"):
-        for key, value in config[section].items():
-            saved = checkpoint["config"][section].get(key)
-            if saved != value:
-                raise PipelineError(
-                    f"{section}.{key} is {value!r} in params but {saved!r} in {path}; "
-                    "restore it to resume, or train without --resume to start over"
-                )
-    return checkpoint
-
-
-def restore_checkpoint(checkpoint: dict, t: Training, device: torch.device) -> None:
-    t.model.load_state_dict(checkpoint["model"])
-    t.optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the parameters' device
-    t.scheduler.load_state_dict(checkpoint["scheduler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
 
 # --- outputs ----------------------------------------------------------------------------------
