@@ -11,13 +11,18 @@ Images that already are 32x32 RGB (CIFAR itself) go straight through, pixel for 
 
 Arrays: .npy or .npz files of uint8 [N, 32, 32, 3]. A .npy file is memory-mapped, so it may be
 larger than memory; an .npz file is read one member at a time: its `images` member, or its only one.
+
+plan_batches turns the files into batches of image files and of array rows, each read only when
+a worker calls its `read`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -120,3 +125,74 @@ def _npz_member(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
     raise UnreadableInput(f"an .npz needs a member named '{NPZ_MEMBER}' or exactly one member; it has {', '.join(names) or 'none'}")
+
+
+# --- batches: what predict's workers read ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be read, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class BatchPlan:
+    """A batch to be: its items, how to read their images, and failures found while planning."""
+
+    paths: list[str]
+    indices: list[int | None]
+    read: Callable[[], tuple[np.ndarray, dict[int, str]]]  # the images, and {position: reason} for unreadable ones
+    failures: list[Failure] = field(default_factory=list)
+
+
+def plan_batches(files: Iterable[Path], batch_size: int) -> Iterator[BatchPlan]:
+    """Batches of image files and of array rows, in input order, planned lazily."""
+    images: list[Path] = []
+    for path in files:
+        if not is_array_file(path):
+            images.append(path)
+            if len(images) == batch_size:
+                yield _image_plan(images)
+                images = []
+            continue
+        if images:
+            yield _image_plan(images)
+            images = []
+        yield from _array_plans(path, batch_size)
+    if images:
+        yield _image_plan(images)
+
+
+def _image_plan(paths: list[Path]) -> BatchPlan:
+    return BatchPlan([str(p) for p in paths], [None] * len(paths), functools.partial(_decode, paths))
+
+
+def _decode(paths: list[Path]) -> tuple[np.ndarray, dict[int, str]]:
+    images, failed = np.empty((len(paths), *SIZE, 3), np.uint8), {}
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_image(path)
+        except UnreadableInput as exc:
+            failed[i] = str(exc)
+    return images, failed
+
+
+def _array_plans(path: Path, batch_size: int) -> Iterator[BatchPlan]:
+    try:
+        array = open_array(path)
+    except UnreadableInput as exc:
+        yield BatchPlan([], [], _no_images, failures=[Failure(str(path), str(exc))])
+        return
+    for start in range(0, len(array), batch_size):
+        rows = array[start:start + batch_size]  # of a memory-map: read by the worker, not here
+        yield BatchPlan([str(path)] * len(rows), list(range(start, start + len(rows))), functools.partial(_read_rows, rows))
+
+
+def _read_rows(rows: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    return np.array(rows), {}
+
+
+def _no_images() -> tuple[np.ndarray, dict[int, str]]:
+    return np.empty((0, *SIZE, 3), np.uint8), {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
-import functools
 import json
 import logging
 import tempfile
@@ -27,7 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -35,8 +34,8 @@ from tqdm import tqdm
 from cifar_pipeline import model_source
 from cifar_pipeline.atomic import atomic_file
 from cifar_pipeline.errors import ConfigError, PipelineError
-from cifar_pipeline.inputs import UnreadableInput, check_input, is_array_file, iter_files, load_image, open_array
-from cifar_pipeline.onnx_session import IMAGE_SHAPE, check_images, create_session, default_workers, run_batch
+from cifar_pipeline.inputs import BatchPlan, Failure, check_input, iter_files, plan_batches
+from cifar_pipeline.onnx_session import check_images, create_session, default_workers, run_batch
 from cifar_pipeline.onnx_session import predict as predict_batches
 from cifar_pipeline.prediction_writers import writer_for
 
@@ -45,12 +44,6 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 256
 PREFETCH_BATCHES = 2  # queued beyond the ones the workers are busy with
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
-
-
-@dataclass(frozen=True)
-class Failure:
-    path: str
-    reason: str
 
 
 @dataclass
@@ -93,16 +86,6 @@ class Summary:
         return text
 
 
-@dataclass
-class _Plan:
-    """A batch to be: its items, how to read their images, and failures found while planning."""
-
-    paths: list[str]
-    indices: list[int | None]
-    read: Callable[[], tuple[np.ndarray, dict[int, str]]]  # the images, and {position: reason} for unreadable ones
-    failures: list[Failure] = field(default_factory=list)
-
-
 class Predictor:
     """An onnxruntime session on a model that honours the serving contract, its class names, and
     how batches run: `workers` batches at once, each read and run in its own thread with `threads`
@@ -143,14 +126,14 @@ class Predictor:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
         with ThreadPoolExecutor(self.workers, thread_name_prefix="predict") as pool, _cancel_on_exit(pool):
             pending: collections.deque[Future[BatchResult]] = collections.deque()
-            for plan in _plan_batches(iter_files(Path(input)), batch_size):
+            for plan in plan_batches(iter_files(Path(input)), batch_size):
                 pending.append(pool.submit(self._process, plan))
                 if len(pending) > self.workers + PREFETCH_BATCHES:
                     yield _checked(pending.popleft().result(), strict)
             while pending:
                 yield _checked(pending.popleft().result(), strict)
 
-    def _process(self, plan: _Plan) -> BatchResult:
+    def _process(self, plan: BatchPlan) -> BatchResult:
         """Read one batch and run it (in a worker thread)."""
         images, failed = plan.read()
         failures = plan.failures + [Failure(plan.paths[i], reason) for i, reason in sorted(failed.items())]
@@ -188,59 +171,6 @@ def _cancel_on_exit(pool: ThreadPoolExecutor) -> Iterator[None]:
         yield
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-# --- planning batches -----------------------------------------------------------------------
-
-def _plan_batches(files: Iterable[Path], batch_size: int) -> Iterator[_Plan]:
-    """Batches of image files and of array rows, in input order, planned lazily."""
-    images: list[Path] = []
-    for path in files:
-        if not is_array_file(path):
-            images.append(path)
-            if len(images) == batch_size:
-                yield _image_plan(images)
-                images = []
-            continue
-        if images:
-            yield _image_plan(images)
-            images = []
-        yield from _array_plans(path, batch_size)
-    if images:
-        yield _image_plan(images)
-
-
-def _image_plan(paths: list[Path]) -> _Plan:
-    return _Plan([str(p) for p in paths], [None] * len(paths), functools.partial(_decode, paths))
-
-
-def _decode(paths: list[Path]) -> tuple[np.ndarray, dict[int, str]]:
-    images, failed = np.empty((len(paths), *IMAGE_SHAPE), np.uint8), {}
-    for i, path in enumerate(paths):
-        try:
-            images[i] = load_image(path)
-        except UnreadableInput as exc:
-            failed[i] = str(exc)
-    return images, failed
-
-
-def _array_plans(path: Path, batch_size: int) -> Iterator[_Plan]:
-    try:
-        array = open_array(path)
-    except UnreadableInput as exc:
-        yield _Plan([], [], _no_images, failures=[Failure(str(path), str(exc))])
-        return
-    for start in range(0, len(array), batch_size):
-        rows = array[start:start + batch_size]  # of a memory-map: read by the worker, not here
-        yield _Plan([str(path)] * len(rows), list(range(start, start + len(rows))), functools.partial(_read_rows, rows))
-
-
-def _read_rows(rows: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-    return np.array(rows), {}
-
-
-def _no_images() -> tuple[np.ndarray, dict[int, str]]:
-    return np.empty((0, *IMAGE_SHAPE), np.uint8), {}
 
 
 # --- writing predictions --------------------------------------------------------------------
